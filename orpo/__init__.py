@@ -1,0 +1,1 @@
+"""ORPO (Hong et al. 2024) with a hand-written loss and collator on a raw Accelerate loop."""

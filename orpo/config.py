@@ -1,0 +1,290 @@
+"""The one training config: a dataclass whose defaults are the published Mistral-7B QLoRA recipe.
+
+A run's config is the defaults, then a YAML file (`--config configs/x.yaml`), then `key=value`
+overrides, each layer checked: an unknown key names the nearest valid one, a wrong type names the
+type expected. `plan()` derives what the user does not set (gradient accumulation, warmup steps).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+MODES = ("full", "lora", "qlora")
+SCHEDULERS = ("linear", "cosine", "constant")
+OPTIMIZERS = ("adamw_torch", "paged_adamw_8bit", "adamw_8bit", "paged_adamw_32bit")
+ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "flash_attention_2", "eager")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+MIXED_PRECISIONS = ("auto", "no", "bf16", "fp16")
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message says what was found and what is expected."""
+
+
+@dataclass
+class TrainConfig:
+    # ---- model -------------------------------------------------------------------------------
+    model_name_or_path: str = "mistralai/Mistral-7B-v0.1"
+    """Hub name or local directory of the base model."""
+    tokenizer_name_or_path: str | None = None
+    """Hub name or local directory of the tokenizer; defaults to `model_name_or_path`."""
+    random_init: bool = False
+    """Build the model from `model_name_or_path`'s config.json with random (seeded) weights instead
+    of loading its weights: for the offline demo, tests and benchmarks."""
+    mode: str = "qlora"
+    """`full` fine-tuning, `lora` adapters on a frozen base, or `qlora` (LoRA on an NF4 4-bit base)."""
+    dtype: str = "auto"
+    """Dtype of the base weights. `auto`: float32 for `full` (mixed precision autocasts) and on the
+    CPU; bfloat16 on GPUs that have it, else float16, for `lora`/`qlora` (QLoRA's compute dtype)."""
+    mixed_precision: str = "auto"
+    """Autocast: `auto` is bf16 on GPUs that have it, fp16 on other GPUs, `no` on the CPU."""
+    attn_implementation: str = "auto"
+    """`auto` picks flash_attention_2 when flash-attn is installed and the GPU supports it, else sdpa."""
+    gradient_checkpointing: bool = True
+    """Recompute activations in the backward pass (non-reentrant autograd)."""
+    lora_r: int = 16
+    """LoRA rank."""
+    lora_alpha: int = 16
+    """LoRA scaling numerator (scale = alpha / r)."""
+    lora_dropout: float = 0.05
+    """Dropout on the LoRA input."""
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+    """Module names that get LoRA adapters."""
+    chat_template: str | None = None
+    """Jinja chat template to use; None keeps the tokenizer's, and a tokenizer without one gets
+    the Zephyr template (`<|user|>` / `<|assistant|>` turns ended by EOS), as the recipe used."""
+
+    # ---- data --------------------------------------------------------------------------------
+    dataset: str = "HuggingFaceH4/ultrafeedback_binarized"
+    """Hub name, or a local .json / .jsonl / .parquet file or a directory holding `<split>.<ext>`."""
+    train_split: str = "train_prefs"
+    """Split used for training."""
+    eval_split: str | None = "test_prefs"
+    """Split used for evaluation; None disables evaluation."""
+    max_length: int = 1024
+    """Budget of prompt + longest response, in tokens."""
+    max_prompt_length: int = 512
+    """Prompts longer than this keep their last `max_prompt_length` tokens (BOS kept)."""
+    data_num_proc: int = 0
+    """Processes that tokenise; 0 picks one per core for large data sets, 1 for small ones."""
+    data_cache_dir: str | None = None
+    """Where tokenised data sets are cached; None uses ~/.cache/orpo."""
+
+    # ---- optimisation ------------------------------------------------------------------------
+    max_steps: int = 2000
+    """Optimizer steps."""
+    global_batch_size: int = 64
+    """Pairs per optimizer step, over all micro-batches and processes."""
+    per_device_batch_size: int = 2
+    """Pairs per micro-batch on each process (each pair is two sequences in the forward)."""
+    learning_rate: float = 8e-6
+    """Peak learning rate."""
+    lr_scheduler: str = "linear"
+    """Decay after warmup: `linear` (to 0), `cosine` (to 0) or `constant`."""
+    warmup_ratio: float = 0.1
+    """Share of `max_steps` spent warming the learning rate up linearly from 0."""
+    optim: str = "paged_adamw_8bit"
+    """`adamw_torch`, or bitsandbytes' `paged_adamw_8bit`, `adamw_8bit`, `paged_adamw_32bit`."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay."""
+    adam_beta1: float = 0.9
+    """AdamW beta1."""
+    adam_beta2: float = 0.999
+    """AdamW beta2."""
+    adam_epsilon: float = 1e-8
+    """AdamW epsilon."""
+    max_grad_norm: float = 1.0
+    """Clip the global gradient norm to this; 0 disables clipping (the norm is still logged)."""
+    orpo_lambda: float = 0.1
+    """Weight of the odds-ratio term (TRL's `beta`)."""
+    nll_on_prompt: bool = False
+    """Add the chosen sequence's prompt tokens to L_SFT (TRL's and the paper's code default). Off:
+    L_SFT covers the chosen response only."""
+    seed: int = 42
+    """Seeds the weights of a random init, LoRA init, data order and dropout."""
+
+    # ---- evaluation, logging, saving ---------------------------------------------------------
+    output_dir: str = "runs/mistral7b-orpo-qlora"
+    """Where TensorBoard logs, checkpoints, the final model and run_summary.json go."""
+    overwrite: bool = False
+    """Allow writing into an output_dir that already holds a finished run."""
+    eval_steps: int = 250
+    """Evaluate every this many optimizer steps (and at the end); 0 evaluates at the end only."""
+    eval_max_samples: int = 256
+    """Evaluate on at most this many pairs of the eval split (a fixed, seeded subset)."""
+    eval_at_start: bool = False
+    """Also evaluate before the first step, to see where training starts from."""
+    per_device_eval_batch_size: int = 0
+    """Pairs per eval micro-batch; 0 means per_device_batch_size."""
+    logging_steps: int = 10
+    """Log training metrics averaged over this many optimizer steps."""
+    save_steps: int = 500
+    """Save a resumable checkpoint every this many optimizer steps; 0 disables."""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        for name, choices in (
+            ("mode", MODES),
+            ("lr_scheduler", SCHEDULERS),
+            ("optim", OPTIMIZERS),
+            ("attn_implementation", ATTN_IMPLEMENTATIONS),
+            ("dtype", DTYPES),
+            ("mixed_precision", MIXED_PRECISIONS),
+        ):
+            value = getattr(self, name)
+            if value not in choices:
+                raise ConfigError(f"{name}={value!r} is not one of {', '.join(choices)}.")
+        positive = ("max_steps", "global_batch_size", "per_device_batch_size", "max_length",
+                    "max_prompt_length", "logging_steps", "eval_max_samples", "lora_r")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}.")
+        for name in ("eval_steps", "save_steps", "data_num_proc", "per_device_eval_batch_size"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}.")
+        if self.max_prompt_length >= self.max_length:
+            raise ConfigError(
+                f"max_prompt_length ({self.max_prompt_length}) must be smaller than max_length "
+                f"({self.max_length}) so that every response keeps at least one token."
+            )
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}.")
+        if self.learning_rate <= 0 or self.orpo_lambda < 0 or self.max_grad_norm < 0:
+            raise ConfigError("learning_rate must be > 0, orpo_lambda and max_grad_norm >= 0.")
+        if self.global_batch_size % self.per_device_batch_size:
+            raise ConfigError(
+                f"global_batch_size={self.global_batch_size} is not a multiple of "
+                f"per_device_batch_size={self.per_device_batch_size}; "
+                f"{_nearby_multiples(self.global_batch_size, self.per_device_batch_size)}."
+            )
+
+    @property
+    def tokenizer_path(self) -> str:
+        return self.tokenizer_name_or_path or self.model_name_or_path
+
+    @property
+    def eval_batch_size(self) -> int:
+        return self.per_device_eval_batch_size or self.per_device_batch_size
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """How the global batch is split: micro_batch x accumulation x processes = global."""
+
+    micro_batch: int
+    accumulation: int
+    processes: int
+    global_batch: int
+    warmup_steps: int
+
+    def describe(self) -> str:
+        return (
+            f"{self.micro_batch} pairs/micro-batch x {self.accumulation} accumulation x "
+            f"{self.processes} processes = {self.global_batch} pairs/step"
+        )
+
+
+def plan_batches(cfg: TrainConfig, processes: int) -> BatchPlan:
+    """Derive gradient accumulation from the global batch; an uneven split is an error."""
+    per_step = cfg.per_device_batch_size * processes
+    if cfg.global_batch_size % per_step:
+        raise ConfigError(
+            f"global_batch_size={cfg.global_batch_size} does not split over {processes} processes x "
+            f"per_device_batch_size={cfg.per_device_batch_size} (= {per_step} pairs per micro-step); "
+            f"{_nearby_multiples(cfg.global_batch_size, per_step)}, or change per_device_batch_size."
+        )
+    return BatchPlan(
+        micro_batch=cfg.per_device_batch_size,
+        accumulation=cfg.global_batch_size // per_step,
+        processes=processes,
+        global_batch=cfg.global_batch_size,
+        warmup_steps=math.ceil(cfg.warmup_ratio * cfg.max_steps),
+    )
+
+
+def _nearby_multiples(value: int, step: int) -> str:
+    below = value // step * step
+    choices = [v for v in (below, below + step) if v > 0]
+    return "global_batch_size=" + " or ".join(str(v) for v in choices) + " would divide"
+
+
+# ---- loading -------------------------------------------------------------------------------------
+
+def _fields() -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def _unknown_key_error(key: str, where: str) -> ConfigError:
+    names = list(_fields())
+    close = difflib.get_close_matches(key, names, n=1, cutoff=0.5)
+    hint = f" Did you mean {close[0]!r}?" if close else f" Valid keys: {', '.join(names)}."
+    return ConfigError(f"Unknown config key {key!r} in {where}.{hint}")
+
+
+def _check(key: str, value: Any, where: str) -> Any:
+    """Check one key and its value against the field's annotation, converting where lossless."""
+    if key not in _fields():
+        raise _unknown_key_error(key, where)
+    hint = typing.get_type_hints(TrainConfig)[key]
+    allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    for t in allowed:
+        if t is type(None) and value is None:
+            return value
+        origin = typing.get_origin(t) or t
+        if origin is float and not isinstance(value, bool):
+            if isinstance(value, (int, float)):
+                return float(value)
+            try:  # YAML 1.1 reads 8e-6 (no dot) as a string
+                return float(value)
+            except (TypeError, ValueError):
+                pass
+        if origin is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if origin is list and isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return value
+        if origin in (str, bool) and type(value) is origin:
+            return value
+    expected = " or ".join("None" if t is type(None) else getattr(t, "__name__", str(t)) for t in allowed)
+    raise ConfigError(f"{key} in {where} must be {expected}, got {value!r} ({type(value).__name__}).")
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`key=value` with the value read as YAML (`lr=1e-4`, `eval_split=null`, `x=[a,b]`)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"Override {text!r} is not of the form key=value.")
+    return key.strip(), yaml.safe_load(raw) if raw else ""
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    """Defaults, then the YAML file, then `key=value` overrides; every key and type checked."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"Config file {str(path)!r} does not exist.")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path} must hold a mapping of config keys, found {type(loaded).__name__}.")
+        values.update({key: _check(key, value, str(path)) for key, value in loaded.items()})
+    for text in overrides or []:
+        key, value = parse_override(text)
+        values[key] = _check(key, value, "the command line")
+    return TrainConfig(**values)
+
+
+def to_dict(cfg: TrainConfig) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,448 @@
+"""Preference data: read rows, normalise their format, render the chat template, tokenise per spec.
+
+Formats accepted (detected per row):
+  * conversational, as HuggingFaceH4/ultrafeedback_binarized: `chosen` and `rejected` are message
+    lists ending in the assistant's answer; the messages before it are the prompt (they must be the
+    same on both sides). A `prompt` string is used when the lists hold only the answer.
+  * plain strings: `prompt`, `chosen`, `rejected` (and an optional `system`).
+
+Tokenisation (../shared/ORPO_SPEC.md): the prompt is rendered with `add_generation_prompt=True`,
+each response as the full chat minus that prompt, so prompt + response tokens are exactly the full
+chat's tokens. Where a tokenizer merges across the boundary, the merged token goes to the response.
+Exactly one BOS when the tokenizer adds one; each response ends with EOS or the template's
+end-of-turn special token (whitespace the template writes after it is dropped: generation stops at
+the EOS and never produces it). Over budget, the prompt keeps its end (and its BOS), then each
+response is cut to fit; a cut response loses its EOS, so the model is never taught to stop
+mid-answer. Rows that cannot be used are skipped and counted by reason.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing as mp
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+FORMATS_ACCEPTED = (
+    "conversational: `chosen`/`rejected` message lists [{role, content}, ...] ending with the "
+    "assistant's answer (optionally with a `prompt` string), as HuggingFaceH4/ultrafeedback_binarized; "
+    "plain: `prompt`, `chosen`, `rejected` strings (optional `system`)"
+)
+ROLES = ("system", "user", "assistant")
+LOCAL_EXTENSIONS = (".jsonl", ".json", ".parquet")
+_CACHE_VERSION = 1  # bump when tokenisation changes, to invalidate caches
+
+
+class DataError(ValueError):
+    """Data that cannot be trained on; the message says what was found and what is expected."""
+
+
+# ---- reading rows --------------------------------------------------------------------------------
+
+def read_rows(dataset: str, split: str) -> tuple[list[dict[str, Any]], str]:
+    """Rows of one split, and a fingerprint of their source (for the tokenisation cache).
+
+    `dataset` is a directory holding `<split>.jsonl|.json|.parquet`, a single such file (then
+    `split` may name another file, or the file is used as given), or a hub data set name.
+    """
+    path = Path(dataset)
+    if path.is_dir():
+        candidates = [path / f"{split}{ext}" for ext in LOCAL_EXTENSIONS]
+        found = [c for c in candidates if c.is_file()]
+        if not found:
+            present = sorted(p.name for p in path.iterdir() if p.suffix in LOCAL_EXTENSIONS)
+            raise DataError(
+                f"Split {split!r} not found in {dataset}: expected one of "
+                f"{', '.join(c.name for c in candidates)}; found {present or 'no data files'}."
+            )
+        return read_file(found[0]), _file_fingerprint(found[0])
+    if path.is_file():
+        target = Path(split) if Path(split).is_file() else path
+        return read_file(target), _file_fingerprint(target)
+    if path.suffix in LOCAL_EXTENSIONS or dataset.startswith((".", "/")):
+        raise DataError(f"Data file {dataset!r} does not exist.")
+    return _read_hub(dataset, split)
+
+
+def read_file(path: Path) -> list[dict[str, Any]]:
+    """Rows of a local .jsonl, .json (a list, or JSON lines) or .parquet file."""
+    suffix = path.suffix.lower()
+    if suffix not in LOCAL_EXTENSIONS:
+        raise DataError(f"{path}: cannot read {suffix or 'extension-less'} files; expected {', '.join(LOCAL_EXTENSIONS)}.")
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            return pq.read_table(path).to_pylist()
+        except Exception as err:  # pyarrow raises several types for a bad file
+            raise DataError(f"{path}: not a readable Parquet file ({err}).") from err
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: not UTF-8 text (byte {err.start}: {err.reason}); re-encode it as UTF-8.") from err
+    if not text.strip():
+        raise DataError(f"{path} is empty: expected preference rows ({FORMATS_ACCEPTED}).")
+    rows = _parse_json_text(path, text)
+    bad = next((i for i, r in enumerate(rows) if not isinstance(r, dict)), None)
+    if bad is not None:
+        raise DataError(f"{path}: row {bad} is a {type(rows[bad]).__name__}, expected a JSON object per row.")
+    return rows
+
+
+def _parse_json_text(path: Path, text: str) -> list[Any]:
+    stripped = text.lstrip()
+    if path.suffix.lower() == ".json" and stripped.startswith("["):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}: invalid JSON at line {err.lineno}: {err.msg}.") from err
+    rows = []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path}: line {lineno} is not valid JSON ({err.msg}); expected one JSON object per line.") from err
+    return rows
+
+
+def _read_hub(name: str, split: str) -> tuple[list[dict[str, Any]], str]:
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(name, split=split)
+    except Exception as err:  # the hub client raises many types; say what was asked for
+        raise DataError(
+            f"Could not load split {split!r} of {name!r} from the hub ({type(err).__name__}: {err}). "
+            "Offline, point `dataset` at a local directory or .jsonl/.json/.parquet file."
+        ) from err
+    return ds.to_list(), f"hub:{name}:{split}:{ds._fingerprint}"
+
+
+def _file_fingerprint(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return f"file:{path.resolve()}:{digest.hexdigest()}"
+
+
+def check_columns(rows: list[dict[str, Any]], where: str) -> None:
+    """Refuse a data set whose columns fit no accepted format (checked before any model is loaded)."""
+    if not rows:
+        raise DataError(f"{where} has no rows: expected preference rows ({FORMATS_ACCEPTED}).")
+    columns = set().union(*(r.keys() for r in rows[:1000]))
+    if not {"chosen", "rejected"} <= columns:
+        raise DataError(
+            f"{where} has columns {sorted(columns)}, which fit no accepted format. Accepted: {FORMATS_ACCEPTED}."
+        )
+
+
+# ---- normalising a row ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Pair:
+    prompt: list[dict[str, str]]  # messages before the answer
+    chosen: str
+    rejected: str
+
+
+def _messages_problem(messages: Any) -> str | None:
+    if not isinstance(messages, list) or not messages:
+        return "missing_field"
+    for m in messages:
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            return "missing_field"
+        if m["role"] not in ROLES:
+            return "unknown_role"
+        if not isinstance(m["content"], str):
+            return "non_string_content"
+    return None
+
+
+def normalise_row(row: dict[str, Any]) -> Pair | str:
+    """A `Pair`, or the reason the row is skipped."""
+    chosen, rejected = row.get("chosen"), row.get("rejected")
+    if chosen is None or rejected is None:
+        return "missing_field"
+    if isinstance(chosen, list) or isinstance(rejected, list):
+        problem = _messages_problem(chosen) or _messages_problem(rejected)
+        if problem:
+            return problem
+        if chosen[-1]["role"] != "assistant" or rejected[-1]["role"] != "assistant":
+            return "no_assistant_answer"
+        if chosen[:-1] != rejected[:-1]:
+            return "prompt_mismatch"
+        prompt = [dict(role=m["role"], content=m["content"]) for m in chosen[:-1]]
+        if not prompt:
+            text = row.get("prompt")
+            if not isinstance(text, str):
+                return "missing_field" if text is None else "non_string_content"
+            prompt = [{"role": "user", "content": text}]
+        pair = Pair(prompt, chosen[-1]["content"], rejected[-1]["content"])
+    else:
+        prompt, system = row.get("prompt"), row.get("system")
+        if prompt is None:
+            return "missing_field"
+        if not all(isinstance(v, str) for v in (prompt, chosen, rejected)) or not isinstance(system, (str, type(None))):
+            return "non_string_content"
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        pair = Pair(messages, chosen, rejected)
+    if not any(m["content"].strip() for m in pair.prompt if m["role"] == "user"):
+        return "empty_prompt"
+    if not pair.chosen.strip() or not pair.rejected.strip():
+        return "empty_response"
+    if pair.chosen.strip() == pair.rejected.strip():
+        return "identical_responses"
+    return pair
+
+
+# ---- tokenising ----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Tokenized:
+    """One pair as two full sequences; the first `*_prompt_len` tokens of each are the prompt."""
+
+    chosen_ids: list[int]
+    chosen_prompt_len: int
+    rejected_ids: list[int]
+    rejected_prompt_len: int
+
+
+class PairTokenizer:
+    """Renders and tokenises pairs per the spec for one tokenizer and length budget."""
+
+    def __init__(self, tokenizer: Any, max_length: int, max_prompt_length: int) -> None:
+        self.tok = tokenizer
+        self.max_length = max_length
+        self.max_prompt_length = max_prompt_length
+        self.bos = tokenizer.bos_token_id
+        self.eos = tokenizer.eos_token_id
+        with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
+        self.adds_bos = self.bos is not None and bool(with_special) and with_special[0] == self.bos
+        # End of a turn: EOS, or any special token a template closes turns with (<|eot_id|>, <|im_end|>).
+        self.terminators = set(tokenizer.all_special_ids) - {self.bos, tokenizer.pad_token_id, tokenizer.unk_token_id}
+        self.terminators.add(self.eos)
+
+    def encode(self, text: str) -> list[int]:
+        ids = self.tok(text, add_special_tokens=False)["input_ids"]
+        if self.bos is not None and (self.adds_bos or ids[:1] == [self.bos]):
+            while ids[:1] == [self.bos]:
+                ids = ids[1:]
+            ids = [self.bos] + ids
+        return ids
+
+    def render(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
+        return self.tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
+
+    def _close_response(self, response: list[int]) -> list[int] | None:
+        """The response ending in exactly one terminator, or None if it holds no content token."""
+        while response and response[-1] not in self.terminators and not self.tok.decode([response[-1]]).strip():
+            response = response[:-1]  # whitespace the template writes after the end-of-turn token
+        if not response or response[-1] not in self.terminators:
+            response = response + [self.eos]
+        return response if len(response) > 1 else None
+
+    def __call__(self, pair: Pair) -> Tokenized | str:
+        prompt_text = self.render(pair.prompt, add_generation_prompt=True)
+        prompt_ids = self.encode(prompt_text)
+        sequences = []
+        for answer in (pair.chosen, pair.rejected):
+            full_text = self.render(pair.prompt + [{"role": "assistant", "content": answer}], add_generation_prompt=False)
+            if not full_text.startswith(prompt_text):
+                return "template_mismatch"
+            full_ids = self.encode(full_text)
+            cut = _common_prefix(prompt_ids, full_ids)  # < len(prompt_ids) only if the boundary merged
+            response = self._close_response(full_ids[cut:])
+            if response is None:
+                return "empty_response"
+            sequences.append((full_ids[:cut], response))
+        return self._fit_budget(sequences)
+
+    def _fit_budget(self, sequences: list[tuple[list[int], list[int]]]) -> Tokenized | str:
+        longest = max(len(p) + len(r) for p, r in sequences)
+        fitted = []
+        for prompt, response in sequences:
+            if longest > self.max_length and len(prompt) > self.max_prompt_length:
+                keep = self.max_prompt_length - (1 if prompt[:1] == [self.bos] else 0)
+                prompt = (prompt[:1] if prompt[:1] == [self.bos] else []) + prompt[len(prompt) - keep:]
+            response = response[: self.max_length - len(prompt)]
+            if not response:
+                return "prompt_too_long"
+            fitted.append((prompt + response, len(prompt)))
+        (c_ids, c_len), (r_ids, r_len) = fitted
+        return Tokenized(c_ids, c_len, r_ids, r_len)
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+# ---- a tokenised split ---------------------------------------------------------------------------
+
+@dataclass
+class PreferenceSplit:
+    """Tokenised pairs of one split, stored flat; `skipped` counts rows by reason."""
+
+    tokens: np.ndarray  # all sequences concatenated, chosen then rejected of each pair
+    offsets: np.ndarray  # [2 * pairs + 1] start of each sequence in `tokens`
+    prompt_lens: np.ndarray  # [2 * pairs]
+    row_index: np.ndarray  # [pairs] source row of each pair
+    skipped: dict[str, int] = field(default_factory=dict)
+    skipped_example: dict[str, int] = field(default_factory=dict)  # first row index per reason
+    num_rows: int = 0
+
+    def __len__(self) -> int:
+        return len(self.row_index)
+
+    def sequence(self, k: int) -> np.ndarray:
+        return self.tokens[self.offsets[k] : self.offsets[k + 1]]
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {
+            "chosen_ids": self.sequence(2 * i),
+            "chosen_prompt_len": int(self.prompt_lens[2 * i]),
+            "rejected_ids": self.sequence(2 * i + 1),
+            "rejected_prompt_len": int(self.prompt_lens[2 * i + 1]),
+            "row_index": int(self.row_index[i]),
+        }
+
+    def mean_tokens_per_pair(self) -> float:
+        return float(len(self.tokens)) / max(len(self), 1)
+
+    def save(self, path: Path) -> None:
+        meta = {"skipped": self.skipped, "skipped_example": self.skipped_example, "num_rows": self.num_rows}
+        tmp = path.with_name(path.name + f".tmp{os.getpid()}.npz")
+        np.savez(tmp, tokens=self.tokens, offsets=self.offsets, prompt_lens=self.prompt_lens,
+                 row_index=self.row_index, meta=np.array(json.dumps(meta)))
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: Path) -> PreferenceSplit:
+        with np.load(path) as f:
+            meta = json.loads(str(f["meta"]))
+            return cls(f["tokens"], f["offsets"], f["prompt_lens"], f["row_index"], **meta)
+
+
+_WORKER_TOKENIZER: PairTokenizer | None = None  # set in each tokenising process
+
+
+def _init_worker(pair_tokenizer: PairTokenizer) -> None:
+    global _WORKER_TOKENIZER
+    _WORKER_TOKENIZER = pair_tokenizer
+
+
+def _process_row(row: dict[str, Any]) -> Tokenized | str:
+    pair = normalise_row(row)
+    return pair if isinstance(pair, str) else _WORKER_TOKENIZER(pair)
+
+
+def tokenize_rows(rows: list[dict[str, Any]], pair_tokenizer: PairTokenizer, num_proc: int = 1) -> PreferenceSplit:
+    """Normalise and tokenise every row (in `num_proc` processes), counting skipped rows by reason."""
+    if num_proc > 1:
+        with mp.get_context("fork").Pool(num_proc, initializer=_init_worker, initargs=(pair_tokenizer,)) as pool:
+            results = pool.map(_process_row, rows, chunksize=max(1, len(rows) // (num_proc * 8)))
+    else:
+        _init_worker(pair_tokenizer)
+        results = [_process_row(r) for r in rows]
+    skipped: Counter[str] = Counter()
+    example: dict[str, int] = {}
+    seqs, prompt_lens, kept = [], [], []
+    for i, res in enumerate(results):
+        if isinstance(res, str):
+            skipped[res] += 1
+            example.setdefault(res, i)
+            continue
+        seqs += [res.chosen_ids, res.rejected_ids]
+        prompt_lens += [res.chosen_prompt_len, res.rejected_prompt_len]
+        kept.append(i)
+    lengths = np.array([len(s) for s in seqs], dtype=np.int64)
+    return PreferenceSplit(
+        tokens=np.fromiter((t for s in seqs for t in s), dtype=np.int32, count=int(lengths.sum())),
+        offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+        prompt_lens=np.array(prompt_lens, dtype=np.int64),
+        row_index=np.array(kept, dtype=np.int64),
+        skipped=dict(skipped),
+        skipped_example=example,
+        num_rows=len(rows),
+    )
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    parts = [backend.to_str() if backend is not None else repr(tokenizer.get_vocab()),
+             str(tokenizer.chat_template), repr(sorted(tokenizer.special_tokens_map.items()))]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+def load_split(
+    dataset: str,
+    split: str,
+    tokenizer: Any,
+    max_length: int,
+    max_prompt_length: int,
+    num_proc: int = 0,
+    cache_dir: str | None = None,
+) -> PreferenceSplit:
+    """Read, check, tokenise (or load from cache) one split; a split with no usable row is an error."""
+    rows, source = read_rows(dataset, split)
+    where = f"split {split!r} of {dataset}"
+    check_columns(rows, where)
+    key = hashlib.sha256(
+        json.dumps([_CACHE_VERSION, source, tokenizer_fingerprint(tokenizer), max_length, max_prompt_length]).encode()
+    ).hexdigest()[:24]
+    cache = Path(cache_dir or Path.home() / ".cache" / "orpo") / f"{key}.npz"
+    if cache.is_file():
+        data = PreferenceSplit.load(cache)
+    else:
+        if num_proc <= 0:
+            num_proc = 1 if len(rows) < 20_000 else min(os.cpu_count() or 1, 16)
+        data = tokenize_rows(rows, PairTokenizer(tokenizer, max_length, max_prompt_length), num_proc)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        data.save(cache)
+    if len(data) == 0:
+        reasons = ", ".join(f"{k}: {v} (e.g. row {data.skipped_example[k]})" for k, v in sorted(data.skipped.items()))
+        raise DataError(f"{where}: none of its {data.num_rows} rows is usable ({reasons}). Accepted: {FORMATS_ACCEPTED}.")
+    return data
+
+
+def describe_skipped(data: PreferenceSplit) -> str:
+    if not data.skipped:
+        return f"{len(data)} pairs, no row skipped"
+    reasons = ", ".join(f"{k}={v}" for k, v in sorted(data.skipped.items(), key=lambda kv: -kv[1]))
+    return f"{len(data)} pairs kept of {data.num_rows} rows; skipped: {reasons}"
+
+
+# ---- sampling ------------------------------------------------------------------------------------
+
+def global_batches(num_pairs: int, batch_size: int, seed: int) -> Iterator[tuple[int, np.ndarray]]:
+    """(epoch, pair indices) of each global batch, forever: a seeded permutation per epoch, cut
+    into full batches (the incomplete tail of an epoch is dropped, so every step sees `batch_size`)."""
+    if num_pairs < batch_size:
+        raise DataError(f"The training split has {num_pairs} usable pairs, fewer than global_batch_size={batch_size}.")
+    epoch = 0
+    while True:
+        order = np.random.default_rng([seed, epoch]).permutation(num_pairs)
+        for start in range(0, num_pairs - batch_size + 1, batch_size):
+            yield epoch, order[start : start + batch_size]
+        epoch += 1
+
+
+def nll_token_count(data: PreferenceSplit, indices: np.ndarray, nll_on_prompt: bool) -> int:
+    """Tokens L_SFT scores over these pairs, known before any forward pass: the chosen responses,
+    or whole chosen sequences but their first token when `nll_on_prompt`."""
+    chosen = 2 * np.asarray(indices)
+    lengths = data.offsets[chosen + 1] - data.offsets[chosen]
+    scored = lengths - 1 if nll_on_prompt else lengths - data.prompt_lens[chosen]
+    return int(scored.sum())

@@ -1,0 +1,43 @@
+"""Optimizer and learning-rate schedule."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from orpo.config import TrainConfig
+
+
+def build_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters: torch's, or bitsandbytes' 8-bit / paged variants."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    kwargs = dict(lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
+                  weight_decay=cfg.weight_decay)
+    if cfg.optim == "adamw_torch":
+        return torch.optim.AdamW(params, **kwargs)
+    import bitsandbytes as bnb
+
+    cls = {"paged_adamw_8bit": bnb.optim.PagedAdamW8bit, "adamw_8bit": bnb.optim.AdamW8bit,
+           "paged_adamw_32bit": bnb.optim.PagedAdamW32bit}[cfg.optim]
+    return cls(params, **kwargs)
+
+
+def lr_lambda(step: int, warmup_steps: int, max_steps: int, kind: str) -> float:
+    """Multiplier of the peak learning rate for optimizer step `step` (0-based): linear warmup to 1
+    over `warmup_steps` (nanoGPT's (step + 1) / (warmup + 1), so no step is wasted at lr 0), then
+    decay towards 0 at `max_steps`."""
+    if step < warmup_steps:
+        return (step + 1) / (warmup_steps + 1)
+    if kind == "constant":
+        return 1.0
+    progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
+    if kind == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+    return max(0.0, 1.0 - progress)
+
+
+def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, warmup_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_lambda(step, warmup_steps, cfg.max_steps, cfg.lr_scheduler)
+    )

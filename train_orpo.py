@@ -1,0 +1,286 @@
+"""ORPO training (Hong et al. 2024): one loss for SFT and preference alignment, no reference model.
+
+    # the offline demo: a tiny model on the shipped sorting task, on the CPU (or `make demo`)
+    python train_orpo.py --config configs/tiny.yaml
+
+    # the published recipe on one GPU: Mistral-7B, UltraFeedback, QLoRA, 2,000 steps x 64 pairs
+    accelerate launch train_orpo.py
+
+    # any recipe, with overrides
+    accelerate launch train_orpo.py --config configs/mistral7b_qlora.yaml learning_rate=5e-6 max_steps=500
+
+The loop reads top to bottom: config and plan, data (checked before any model is loaded), model,
+then optimizer steps of `accumulation` micro-batches each, with evaluation, logging to TensorBoard
+under `output_dir/tensorboard`, and the final save. The loss is normalised over the global batch
+(see orpo/loss.py), so a step's gradient does not depend on how the batch is split.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator, PartialState
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+
+from orpo.collator import PairCollator
+from orpo.config import ConfigError, TrainConfig, load_config, plan_batches, to_dict
+from orpo.data import DataError, PreferenceSplit, describe_skipped, global_batches, load_split, nll_token_count
+from orpo.loss import orpo_loss, policy_logps
+from orpo.metrics import FlopsModel, MetricSums, device_peak_tflops, mean_of, peak_memory_gb
+from orpo.model import load_model, load_tokenizer, resolve_mixed_precision, save_trained
+from orpo.optim import build_optimizer, build_scheduler
+
+
+def parse_args(argv: list[str] | None = None) -> TrainConfig:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="YAML recipe; defaults are the Mistral-7B QLoRA recipe")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="override any config key")
+    args = parser.parse_args(argv)
+    return load_config(args.config, args.overrides)
+
+
+def check_output_dir(cfg: TrainConfig) -> Path:
+    """Refuse to clobber a finished run, and fail now (not after hours) if we cannot write."""
+    out = Path(cfg.output_dir)
+    if (out / "run_summary.json").exists() and not cfg.overwrite:
+        raise ConfigError(f"{out} already holds a finished run (run_summary.json). Pick another output_dir or pass overwrite=true.")
+    if cfg.overwrite and PartialState().is_main_process:
+        # Old event files would mix two runs' curves in TensorBoard.
+        shutil.rmtree(out / "tensorboard", ignore_errors=True)
+        (out / "run_summary.json").unlink(missing_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write_test.{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError(f"output_dir {str(out)!r} is not writable: {err}.") from err
+    return out
+
+
+# ---- one forward ---------------------------------------------------------------------------------
+
+def forward_orpo(model: torch.nn.Module, batch: dict[str, torch.Tensor], orpo_lambda: float,
+                 num_nll_tokens: int, num_pairs: int, sums: MetricSums):
+    """Forward a collated micro-batch; returns its share of the step's loss and adds its metrics."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+    policy = policy_logps(logits, batch["labels"], batch["nll_labels"])
+    out = orpo_loss(policy.chosen_logps, policy.rejected_logps, policy.nll_sum, num_nll_tokens, num_pairs, orpo_lambda)
+    sums.add(policy.chosen_logps, policy.rejected_logps, out.log_odds_ratio, policy.nll_sum,
+             batch["num_nll_tokens"], batch["num_tokens"])
+    return out
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, accelerator: Accelerator, data: PreferenceSplit, indices: np.ndarray,
+             collator: PairCollator, batch_size: int, orpo_lambda: float) -> dict[str, float]:
+    """Metrics over the whole eval subset, each rank taking every num_processes-th pair."""
+    model.eval()
+    sums = MetricSums(accelerator.device)
+    mine = indices[accelerator.process_index :: accelerator.num_processes]
+    for start in range(0, len(mine), batch_size):
+        batch = to_device(collator([data[i] for i in mine[start : start + batch_size]]), accelerator.device)
+        forward_orpo(model, batch, orpo_lambda, 1, 1, sums)
+    model.train()
+    metrics = sums.reduce(accelerator, orpo_lambda)
+    for key in ("pairs", "tokens"):
+        metrics.pop(key)
+    return metrics
+
+
+def prefixed(prefix: str, metrics: dict[str, float]) -> dict[str, float]:
+    return {f"{prefix}/{k}": v for k, v in metrics.items()}
+
+
+def flat_hparams(cfg: TrainConfig) -> dict[str, Any]:
+    """TensorBoard's hparams take scalars and strings only."""
+    return {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in to_dict(cfg).items()}
+
+
+# ---- the run -------------------------------------------------------------------------------------
+
+def main(cfg: TrainConfig) -> dict[str, Any]:
+    started = time.time()
+    # Without CUDA, accelerate leaves the backend unset and each launched process thinks it is alone.
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    state = PartialState(backend="gloo") if launched and not torch.cuda.is_available() else PartialState()
+    plan = plan_batches(cfg, state.num_processes)
+    out = check_output_dir(cfg)
+    state.wait_for_everyone()
+    accelerator = Accelerator(
+        gradient_accumulation_steps=plan.accumulation,
+        mixed_precision=resolve_mixed_precision(cfg),
+        log_with="tensorboard",
+        project_dir=str(out),
+    )
+    say = accelerator.print
+    set_seed(cfg.seed)
+
+    # ---- data, checked before any model is loaded
+    tokenizer = load_tokenizer(cfg)
+    with accelerator.main_process_first():
+        train_data = load_split(cfg.dataset, cfg.train_split, tokenizer, cfg.max_length, cfg.max_prompt_length,
+                                cfg.data_num_proc, cfg.data_cache_dir)
+        eval_data = None
+        if cfg.eval_split:
+            eval_data = load_split(cfg.dataset, cfg.eval_split, tokenizer, cfg.max_length, cfg.max_prompt_length,
+                                   cfg.data_num_proc, cfg.data_cache_dir)
+    say(f"train data   {describe_skipped(train_data)}")
+    if eval_data is not None:
+        say(f"eval data    {describe_skipped(eval_data)}")
+    batches = global_batches(len(train_data), plan.global_batch, cfg.seed)
+    eval_indices = None
+    if eval_data is not None:
+        order = np.random.default_rng(cfg.seed).permutation(len(eval_data))
+        eval_indices = np.sort(order[: cfg.eval_max_samples])
+    collator = PairCollator(tokenizer.pad_token_id, cfg.nll_on_prompt)
+
+    # ---- model, optimizer, schedule
+    model, info = load_model(cfg, accelerator.device)
+    optimizer = build_optimizer(cfg, model)
+    scheduler = build_scheduler(cfg, optimizer, plan.warmup_steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.register_for_checkpointing(scheduler)
+    flops = FlopsModel(info.total_params, full=cfg.mode == "full")
+    peak_tflops = device_peak_tflops(accelerator.device)
+
+    tokens_per_pair = train_data.mean_tokens_per_pair()
+    epoch_steps = len(train_data) // plan.global_batch
+    eval_every = f"every {cfg.eval_steps} steps and at the end" if cfg.eval_steps else "at the end"
+    say("\n".join([
+        f"model        {info.description}",
+        f"mode         {cfg.mode}: {info.describe_params()}; {info.dtype}, attention {info.attention}, "
+        f"mixed precision {accelerator.mixed_precision}, gradient checkpointing {'on' if cfg.gradient_checkpointing else 'off'}",
+        f"batch        {plan.describe()}",
+        f"steps        {cfg.max_steps} ({cfg.max_steps / epoch_steps:.2f} epochs of {len(train_data):,} pairs, "
+        f"{epoch_steps} steps each)",
+        f"per step     {plan.global_batch} pairs, ~{plan.global_batch * tokens_per_pair:,.0f} tokens",
+        f"optimizer    {cfg.optim}, lr {cfg.learning_rate:g}, {cfg.lr_scheduler} after {plan.warmup_steps} warmup steps, "
+        f"clip {cfg.max_grad_norm:g}, lambda {cfg.orpo_lambda:g}",
+        "eval         " + (f"{eval_every}{', and at the start' if cfg.eval_at_start else ''}, on "
+                           f"{len(eval_indices)} pairs of {cfg.eval_split!r}" if eval_indices is not None else "off"),
+        f"output       {out}  (tensorboard --logdir {out / 'tensorboard'})",
+    ]))
+    plan_record = {**dataclasses.asdict(plan), "processes": accelerator.num_processes, "mode": cfg.mode,
+                   "trainable_params": info.trainable_params, "total_params": info.total_params,
+                   "attention": info.attention, "dtype": str(info.dtype), "mixed_precision": accelerator.mixed_precision,
+                   "train_pairs": len(train_data), "eval_pairs": 0 if eval_indices is None else len(eval_indices)}
+    accelerator.init_trackers("tensorboard", config=flat_hparams(cfg))
+
+    def run_eval(step: int) -> dict[str, float]:
+        metrics = evaluate(model, accelerator, eval_data, eval_indices, collator, cfg.eval_batch_size, cfg.orpo_lambda)
+        accelerator.log(prefixed("eval", metrics), step=step)
+        say(f"eval @ {step}: loss {metrics['loss']:.4f}, rewards/accuracies {metrics['rewards/accuracies']:.3f}, "
+            f"margins {metrics['rewards/margins']:.4f}")
+        return metrics
+
+    # ---- training
+    final: dict[str, float] = {}
+    if eval_indices is not None and cfg.eval_at_start:
+        final.update(prefixed("eval", run_eval(0)))
+    model.train()
+    scale = plan.accumulation * accelerator.num_processes  # undo accelerate's / accumulation and DDP's mean
+    per_rank = plan.global_batch // accelerator.num_processes
+    window: list[dict[str, float]] = []
+    train_seconds, train_tokens, skipped_steps = 0.0, 0.0, 0
+    progress = tqdm(total=cfg.max_steps, disable=not accelerator.is_main_process, desc="train", dynamic_ncols=True,
+                    mininterval=0.5 if sys.stderr.isatty() else 30.0)
+    for step in range(1, cfg.max_steps + 1):
+        step_started = time.time()
+        epoch, indices = next(batches)
+        num_nll_tokens = nll_token_count(train_data, indices, cfg.nll_on_prompt)
+        mine = indices[accelerator.process_index * per_rank : (accelerator.process_index + 1) * per_rank]
+        sums = MetricSums(accelerator.device)
+        for start in range(0, per_rank, plan.micro_batch):
+            batch = to_device(collator([train_data[i] for i in mine[start : start + plan.micro_batch]]), accelerator.device)
+            with accelerator.accumulate(model):  # autocast comes with accelerator.prepare(model)
+                share = forward_orpo(model, batch, cfg.orpo_lambda, num_nll_tokens, plan.global_batch, sums)
+                accelerator.backward(share.loss * scale)
+        assert accelerator.sync_gradients, "the last micro-batch of a step must synchronise gradients"
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or math.inf)
+        grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+        metrics = sums.reduce(accelerator, cfg.orpo_lambda)
+        lr = scheduler.get_last_lr()[0]
+        if math.isfinite(metrics["loss"]) and math.isfinite(grad_norm):
+            optimizer.step()
+        else:
+            skipped_steps += 1
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        metrics.update(lr=lr, grad_norm=grad_norm, epoch=epoch + (step % epoch_steps) / epoch_steps,
+                       seconds=time.time() - step_started)
+        window.append(metrics)
+        progress.update(1)
+        progress.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['rewards/accuracies']:.2f}", refresh=False)
+
+        if step % cfg.logging_steps == 0 or step == cfg.max_steps:
+            logged = mean_of(window)
+            seconds, tokens = sum(m["seconds"] for m in window), sum(m["tokens"] for m in window)
+            train_seconds += seconds
+            train_tokens += tokens
+            logged.update(
+                tokens_per_s=tokens / seconds,
+                pairs_per_s=sum(m["pairs"] for m in window) / seconds,
+                peak_mem_gb=peak_memory_gb(accelerator.device),
+                skipped_steps=skipped_steps,
+            )
+            if peak_tflops:
+                logged["mfu"] = logged["tokens_per_s"] * flops.per_token() / (peak_tflops * 1e12 * accelerator.num_processes)
+            for key in ("pairs", "tokens", "seconds"):
+                logged.pop(key)
+            accelerator.log(prefixed("train", logged), step=step)
+            final.update(prefixed("train", logged))
+            window = []
+        if eval_indices is not None and ((cfg.eval_steps and step % cfg.eval_steps == 0) or step == cfg.max_steps):
+            final.update(prefixed("eval", run_eval(step)))
+        if cfg.save_steps and step % cfg.save_steps == 0 and step < cfg.max_steps:
+            accelerator.save_state(str(out / "checkpoints" / f"step_{step}"))
+    progress.close()
+
+    # ---- the result
+    accelerator.wait_for_everyone()
+    state_dict = accelerator.get_state_dict(model)
+    summary = {
+        "config": to_dict(cfg),
+        "plan": plan_record,
+        "final_metrics": final,
+        "skipped_rows": {"train": train_data.skipped, "eval": eval_data.skipped if eval_data is not None else {}},
+        "skipped_steps": skipped_steps,
+        "wall_seconds": time.time() - started,
+        "tokens_per_s": train_tokens / train_seconds if train_seconds else 0.0,
+    }
+    if accelerator.is_main_process:
+        save_trained(accelerator.unwrap_model(model), tokenizer, out, state_dict)
+        (out / "run_summary.json").write_text(json.dumps(summary, indent=2))
+        say(f"saved {'adapter' if cfg.mode != 'full' else 'model'} and run_summary.json to {out} "
+            f"({summary['wall_seconds']:.0f} s, {summary['tokens_per_s']:,.0f} tokens/s)")
+        say(f"TensorBoard: tensorboard --logdir {out / 'tensorboard'}")
+    accelerator.end_training()
+    return summary
+
+
+if __name__ == "__main__":
+    try:
+        config = parse_args()
+    except ConfigError as err:
+        sys.exit(f"config error: {err}")
+    try:
+        main(config)
+    except (ConfigError, DataError) as err:
+        sys.exit(f"error: {err}")
