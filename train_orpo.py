@@ -35,11 +35,11 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from orpo.collator import PairCollator
-from orpo.config import ConfigError, TrainConfig, load_config, plan_batches, to_dict
+from orpo.config import BatchPlan, ConfigError, TrainConfig, load_config, plan_batches, to_dict
 from orpo.data import DataError, PreferenceSplit, describe_skipped, global_batches, load_split, nll_token_count
 from orpo.loss import orpo_loss, policy_logps
 from orpo.metrics import FlopsModel, MetricSums, device_peak_tflops, mean_of, peak_memory_gb
-from orpo.model import load_model, load_tokenizer, resolve_mixed_precision, save_trained
+from orpo.model import ModelInfo, load_model, load_tokenizer, resolve_mixed_precision, save_trained
 from orpo.optim import build_optimizer, build_scheduler
 
 
@@ -51,11 +51,52 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     return load_config(args.config, args.overrides)
 
 
+def load_data(cfg: TrainConfig, tokenizer: Any, split: str) -> PreferenceSplit:
+    return load_split(
+        cfg.dataset, split, tokenizer, cfg.max_length, cfg.max_prompt_length, cfg.data_num_proc, cfg.data_cache_dir
+    )
+
+
+def plan_lines(
+    cfg: TrainConfig,
+    plan: BatchPlan,
+    info: ModelInfo,
+    mixed_precision: str,
+    train_data: PreferenceSplit,
+    eval_indices: np.ndarray | None,
+) -> list[str]:
+    """What rank 0 prints before the first step: what will run, and how big each step is."""
+    epoch_steps = len(train_data) // plan.global_batch
+    checkpointing = "on" if cfg.gradient_checkpointing else "off"
+    if eval_indices is None:
+        evaluation = "off"
+    else:
+        evaluation = f"every {cfg.eval_steps} steps and at the end" if cfg.eval_steps else "at the end"
+        evaluation += ", and at the start" if cfg.eval_at_start else ""
+        evaluation += f", on {len(eval_indices)} pairs of {cfg.eval_split!r}"
+    return [
+        f"model        {info.description}",
+        f"mode         {cfg.mode}: {info.describe_params()}",
+        f"precision    weights {info.dtype}, mixed precision {mixed_precision}, attention {info.attention}, "
+        f"gradient checkpointing {checkpointing}",
+        f"batch        {plan.describe()}",
+        f"steps        {cfg.max_steps} = {cfg.max_steps / epoch_steps:.2f} epochs of {len(train_data):,} pairs "
+        f"({epoch_steps} steps each)",
+        f"per step     {plan.global_batch} pairs, ~{plan.global_batch * train_data.mean_tokens_per_pair():,.0f} tokens",
+        f"optimizer    {cfg.optim}, lr {cfg.learning_rate:g}, {cfg.lr_scheduler} after {plan.warmup_steps} warmup "
+        f"steps, clip {cfg.max_grad_norm:g}, lambda {cfg.orpo_lambda:g}",
+        f"eval         {evaluation}",
+        f"output       {cfg.output_dir}",
+    ]
+
+
 def check_output_dir(cfg: TrainConfig) -> Path:
     """Refuse to clobber a finished run, and fail now (not after hours) if we cannot write."""
     out = Path(cfg.output_dir)
     if (out / "run_summary.json").exists() and not cfg.overwrite:
-        raise ConfigError(f"{out} already holds a finished run (run_summary.json). Pick another output_dir or pass overwrite=true.")
+        raise ConfigError(
+            f"{out} already holds a finished run (run_summary.json). Pick another output_dir or pass overwrite=true."
+        )
     if cfg.overwrite and PartialState().is_main_process:
         # Old event files would mix two runs' curves in TensorBoard.
         shutil.rmtree(out / "tensorboard", ignore_errors=True)
@@ -72,14 +113,27 @@ def check_output_dir(cfg: TrainConfig) -> Path:
 
 # ---- one forward ---------------------------------------------------------------------------------
 
-def forward_orpo(model: torch.nn.Module, batch: dict[str, torch.Tensor], orpo_lambda: float,
-                 num_nll_tokens: int, num_pairs: int, sums: MetricSums):
+
+def forward_orpo(
+    model: torch.nn.Module,
+    batch: dict[str, torch.Tensor],
+    orpo_lambda: float,
+    num_nll_tokens: int,
+    num_pairs: int,
+    sums: MetricSums,
+):
     """Forward a collated micro-batch; returns its share of the step's loss and adds its metrics."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
     policy = policy_logps(logits, batch["labels"], batch["nll_labels"])
     out = orpo_loss(policy.chosen_logps, policy.rejected_logps, policy.nll_sum, num_nll_tokens, num_pairs, orpo_lambda)
-    sums.add(policy.chosen_logps, policy.rejected_logps, out.log_odds_ratio, policy.nll_sum,
-             batch["num_nll_tokens"], batch["num_tokens"])
+    sums.add(
+        policy.chosen_logps,
+        policy.rejected_logps,
+        out.log_odds_ratio,
+        policy.nll_sum,
+        batch["num_nll_tokens"],
+        batch["num_tokens"],
+    )
     return out
 
 
@@ -88,8 +142,15 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, accelerator: Accelerator, data: PreferenceSplit, indices: np.ndarray,
-             collator: PairCollator, batch_size: int, orpo_lambda: float) -> dict[str, float]:
+def evaluate(
+    model: torch.nn.Module,
+    accelerator: Accelerator,
+    data: PreferenceSplit,
+    indices: np.ndarray,
+    collator: PairCollator,
+    batch_size: int,
+    orpo_lambda: float,
+) -> dict[str, float]:
     """Metrics over the whole eval subset, each rank taking every num_processes-th pair."""
     model.eval()
     sums = MetricSums(accelerator.device)
@@ -115,6 +176,7 @@ def flat_hparams(cfg: TrainConfig) -> dict[str, Any]:
 
 # ---- the run -------------------------------------------------------------------------------------
 
+
 def main(cfg: TrainConfig) -> dict[str, Any]:
     started = time.time()
     # Without CUDA, accelerate leaves the backend unset and each launched process thinks it is alone.
@@ -134,13 +196,9 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
 
     # ---- data, checked before any model is loaded
     tokenizer = load_tokenizer(cfg)
-    with accelerator.main_process_first():
-        train_data = load_split(cfg.dataset, cfg.train_split, tokenizer, cfg.max_length, cfg.max_prompt_length,
-                                cfg.data_num_proc, cfg.data_cache_dir)
-        eval_data = None
-        if cfg.eval_split:
-            eval_data = load_split(cfg.dataset, cfg.eval_split, tokenizer, cfg.max_length, cfg.max_prompt_length,
-                                   cfg.data_num_proc, cfg.data_cache_dir)
+    with accelerator.main_process_first():  # rank 0 tokenises and caches, the others read the cache
+        train_data = load_data(cfg, tokenizer, cfg.train_split)
+        eval_data = load_data(cfg, tokenizer, cfg.eval_split) if cfg.eval_split else None
     say(f"train data   {describe_skipped(train_data)}")
     if eval_data is not None:
         say(f"eval data    {describe_skipped(eval_data)}")
@@ -160,55 +218,59 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
     flops = FlopsModel(info.total_params, full=cfg.mode == "full")
     peak_tflops = device_peak_tflops(accelerator.device)
 
-    tokens_per_pair = train_data.mean_tokens_per_pair()
-    epoch_steps = len(train_data) // plan.global_batch
-    eval_every = f"every {cfg.eval_steps} steps and at the end" if cfg.eval_steps else "at the end"
-    say("\n".join([
-        f"model        {info.description}",
-        f"mode         {cfg.mode}: {info.describe_params()}; {info.dtype}, attention {info.attention}, "
-        f"mixed precision {accelerator.mixed_precision}, gradient checkpointing {'on' if cfg.gradient_checkpointing else 'off'}",
-        f"batch        {plan.describe()}",
-        f"steps        {cfg.max_steps} ({cfg.max_steps / epoch_steps:.2f} epochs of {len(train_data):,} pairs, "
-        f"{epoch_steps} steps each)",
-        f"per step     {plan.global_batch} pairs, ~{plan.global_batch * tokens_per_pair:,.0f} tokens",
-        f"optimizer    {cfg.optim}, lr {cfg.learning_rate:g}, {cfg.lr_scheduler} after {plan.warmup_steps} warmup steps, "
-        f"clip {cfg.max_grad_norm:g}, lambda {cfg.orpo_lambda:g}",
-        "eval         " + (f"{eval_every}{', and at the start' if cfg.eval_at_start else ''}, on "
-                           f"{len(eval_indices)} pairs of {cfg.eval_split!r}" if eval_indices is not None else "off"),
-        f"output       {out}  (tensorboard --logdir {out / 'tensorboard'})",
-    ]))
-    plan_record = {**dataclasses.asdict(plan), "processes": accelerator.num_processes, "mode": cfg.mode,
-                   "trainable_params": info.trainable_params, "total_params": info.total_params,
-                   "attention": info.attention, "dtype": str(info.dtype), "mixed_precision": accelerator.mixed_precision,
-                   "train_pairs": len(train_data), "eval_pairs": 0 if eval_indices is None else len(eval_indices)}
+    say("\n".join(plan_lines(cfg, plan, info, accelerator.mixed_precision, train_data, eval_indices)))
+    plan_record = {
+        **dataclasses.asdict(plan),
+        "processes": accelerator.num_processes,
+        "mode": cfg.mode,
+        "trainable_params": info.trainable_params,
+        "total_params": info.total_params,
+        "attention": info.attention,
+        "dtype": str(info.dtype),
+        "mixed_precision": accelerator.mixed_precision,
+        "train_pairs": len(train_data),
+        "eval_pairs": 0 if eval_indices is None else len(eval_indices),
+    }
     accelerator.init_trackers("tensorboard", config=flat_hparams(cfg))
 
     def run_eval(step: int) -> dict[str, float]:
         metrics = evaluate(model, accelerator, eval_data, eval_indices, collator, cfg.eval_batch_size, cfg.orpo_lambda)
         accelerator.log(prefixed("eval", metrics), step=step)
-        say(f"eval @ {step}: loss {metrics['loss']:.4f}, rewards/accuracies {metrics['rewards/accuracies']:.3f}, "
-            f"margins {metrics['rewards/margins']:.4f}")
+        say(
+            f"eval @ {step}: loss {metrics['loss']:.4f}, rewards/accuracies {metrics['rewards/accuracies']:.3f}, "
+            f"margins {metrics['rewards/margins']:.4f}"
+        )
         return metrics
 
     # ---- training
     final: dict[str, float] = {}
+    first_eval_accuracy = None
     if eval_indices is not None and cfg.eval_at_start:
         final.update(prefixed("eval", run_eval(0)))
+        first_eval_accuracy = final["eval/rewards/accuracies"]
     model.train()
     scale = plan.accumulation * accelerator.num_processes  # undo accelerate's / accumulation and DDP's mean
     per_rank = plan.global_batch // accelerator.num_processes
+    steps_per_epoch = len(train_data) // plan.global_batch
     window: list[dict[str, float]] = []
     train_seconds, train_tokens, skipped_steps = 0.0, 0.0, 0
-    progress = tqdm(total=cfg.max_steps, disable=not accelerator.is_main_process, desc="train", dynamic_ncols=True,
-                    mininterval=0.5 if sys.stderr.isatty() else 30.0)
+    progress = tqdm(
+        total=cfg.max_steps,
+        disable=not accelerator.is_main_process,
+        desc="train",
+        dynamic_ncols=True,
+        mininterval=0.5 if sys.stderr.isatty() else 30.0,
+    )
     for step in range(1, cfg.max_steps + 1):
         step_started = time.time()
-        epoch, indices = next(batches)
+        _, indices = next(batches)
         num_nll_tokens = nll_token_count(train_data, indices, cfg.nll_on_prompt)
         mine = indices[accelerator.process_index * per_rank : (accelerator.process_index + 1) * per_rank]
         sums = MetricSums(accelerator.device)
         for start in range(0, per_rank, plan.micro_batch):
-            batch = to_device(collator([train_data[i] for i in mine[start : start + plan.micro_batch]]), accelerator.device)
+            batch = to_device(
+                collator([train_data[i] for i in mine[start : start + plan.micro_batch]]), accelerator.device
+            )
             with accelerator.accumulate(model):  # autocast comes with accelerator.prepare(model)
                 share = forward_orpo(model, batch, cfg.orpo_lambda, num_nll_tokens, plan.global_batch, sums)
                 accelerator.backward(share.loss * scale)
@@ -223,8 +285,12 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
             skipped_steps += 1
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        metrics.update(lr=lr, grad_norm=grad_norm, epoch=epoch + (step % epoch_steps) / epoch_steps,
-                       seconds=time.time() - step_started)
+        metrics.update(
+            lr=lr,
+            grad_norm=grad_norm,
+            epoch=step / steps_per_epoch,
+            seconds=time.time() - step_started,
+        )
         window.append(metrics)
         progress.update(1)
         progress.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['rewards/accuracies']:.2f}", refresh=False)
@@ -241,7 +307,9 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
                 skipped_steps=skipped_steps,
             )
             if peak_tflops:
-                logged["mfu"] = logged["tokens_per_s"] * flops.per_token() / (peak_tflops * 1e12 * accelerator.num_processes)
+                logged["mfu"] = (
+                    logged["tokens_per_s"] * flops.per_token() / (peak_tflops * 1e12 * accelerator.num_processes)
+                )
             for key in ("pairs", "tokens", "seconds"):
                 logged.pop(key)
             accelerator.log(prefixed("train", logged), step=step)
@@ -268,8 +336,14 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
     if accelerator.is_main_process:
         save_trained(accelerator.unwrap_model(model), tokenizer, out, state_dict)
         (out / "run_summary.json").write_text(json.dumps(summary, indent=2))
-        say(f"saved {'adapter' if cfg.mode != 'full' else 'model'} and run_summary.json to {out} "
-            f"({summary['wall_seconds']:.0f} s, {summary['tokens_per_s']:,.0f} tokens/s)")
+        say(
+            f"saved {'adapter' if cfg.mode != 'full' else 'model'} and run_summary.json to {out} "
+            f"({summary['wall_seconds']:.0f} s, {summary['tokens_per_s']:,.0f} tokens/s)"
+        )
+        if "eval/rewards/accuracies" in final:
+            start = f"{first_eval_accuracy:.3f} before training -> " if first_eval_accuracy is not None else ""
+            end = final["eval/rewards/accuracies"]
+            say(f"held-out eval/rewards/accuracies: {start}{end:.3f} after {cfg.max_steps} steps")
         say(f"TensorBoard: tensorboard --logdir {out / 'tensorboard'}")
     accelerator.end_training()
     return summary

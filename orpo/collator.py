@@ -37,7 +37,7 @@ class PairCollator:
         input_ids = torch.full((n, width), self.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros((n, width), dtype=torch.long)
         labels = torch.full((n, width), IGNORE_INDEX, dtype=torch.long)
-        for row, (seq, plen) in enumerate(zip(seqs, prompt_lens)):
+        for row, (seq, plen) in enumerate(zip(seqs, prompt_lens, strict=True)):
             ids = torch.as_tensor(seq, dtype=torch.long)
             input_ids[row, : len(ids)] = ids
             attention_mask[row, : len(ids)] = 1

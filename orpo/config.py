@@ -147,8 +147,16 @@ class TrainConfig:
             value = getattr(self, name)
             if value not in choices:
                 raise ConfigError(f"{name}={value!r} is not one of {', '.join(choices)}.")
-        positive = ("max_steps", "global_batch_size", "per_device_batch_size", "max_length",
-                    "max_prompt_length", "logging_steps", "eval_max_samples", "lora_r")
+        positive = (
+            "max_steps",
+            "global_batch_size",
+            "per_device_batch_size",
+            "max_length",
+            "max_prompt_length",
+            "logging_steps",
+            "eval_max_samples",
+            "lora_r",
+        )
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}.")
@@ -159,6 +167,11 @@ class TrainConfig:
             raise ConfigError(
                 f"max_prompt_length ({self.max_prompt_length}) must be smaller than max_length "
                 f"({self.max_length}) so that every response keeps at least one token."
+            )
+        if Path(self.dataset).is_file() and self.eval_split and not Path(self.eval_split).is_file():
+            raise ConfigError(
+                f"dataset={self.dataset!r} is a single file, the training data, so eval_split={self.eval_split!r} "
+                "must be the path of another file, or null; or put <split>.jsonl files in a directory."
             )
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}.")
@@ -222,6 +235,7 @@ def _nearby_multiples(value: int, step: int) -> str:
 
 
 # ---- loading -------------------------------------------------------------------------------------
+
 
 def _fields() -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(TrainConfig)}

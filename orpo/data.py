@@ -23,9 +23,9 @@ import json
 import multiprocessing as mp
 import os
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -46,11 +46,12 @@ class DataError(ValueError):
 
 # ---- reading rows --------------------------------------------------------------------------------
 
+
 def read_rows(dataset: str, split: str) -> tuple[list[dict[str, Any]], str]:
     """Rows of one split, and a fingerprint of their source (for the tokenisation cache).
 
-    `dataset` is a directory holding `<split>.jsonl|.json|.parquet`, a single such file (then
-    `split` may name another file, or the file is used as given), or a hub data set name.
+    `dataset` is a directory holding `<split>.jsonl|.json|.parquet`, a single such file (the
+    training data; a `split` that names another file reads that one), or a hub data set name.
     """
     path = Path(dataset)
     if path.is_dir():
@@ -75,7 +76,9 @@ def read_file(path: Path) -> list[dict[str, Any]]:
     """Rows of a local .jsonl, .json (a list, or JSON lines) or .parquet file."""
     suffix = path.suffix.lower()
     if suffix not in LOCAL_EXTENSIONS:
-        raise DataError(f"{path}: cannot read {suffix or 'extension-less'} files; expected {', '.join(LOCAL_EXTENSIONS)}.")
+        raise DataError(
+            f"{path}: cannot read {suffix or 'extension-less'} files; expected {', '.join(LOCAL_EXTENSIONS)}."
+        )
     if suffix == ".parquet":
         import pyarrow.parquet as pq
 
@@ -109,7 +112,9 @@ def _parse_json_text(path: Path, text: str) -> list[Any]:
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as err:
-                raise DataError(f"{path}: line {lineno} is not valid JSON ({err.msg}); expected one JSON object per line.") from err
+                raise DataError(
+                    f"{path}: line {lineno} is not valid JSON ({err.msg}); expected one JSON object per line."
+                ) from err
     return rows
 
 
@@ -147,6 +152,7 @@ def check_columns(rows: list[dict[str, Any]], where: str) -> None:
 
 # ---- normalising a row ---------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class Pair:
     prompt: list[dict[str, str]]  # messages before the answer
@@ -182,10 +188,16 @@ def normalise_row(row: dict[str, Any]) -> Pair | str:
             return "prompt_mismatch"
         prompt = [dict(role=m["role"], content=m["content"]) for m in chosen[:-1]]
         if not prompt:
-            text = row.get("prompt")
-            if not isinstance(text, str):
-                return "missing_field" if text is None else "non_string_content"
-            prompt = [{"role": "user", "content": text}]
+            given = row.get("prompt")
+            if isinstance(given, list):  # TRL's explicit-prompt conversational format
+                problem = _messages_problem(given)
+                if problem:
+                    return problem
+                prompt = [dict(role=m["role"], content=m["content"]) for m in given]
+            elif isinstance(given, str):
+                prompt = [{"role": "user", "content": given}]
+            else:
+                return "missing_field" if given is None else "non_string_content"
         pair = Pair(prompt, chosen[-1]["content"], rejected[-1]["content"])
     else:
         prompt, system = row.get("prompt"), row.get("system")
@@ -205,6 +217,7 @@ def normalise_row(row: dict[str, Any]) -> Pair | str:
 
 
 # ---- tokenising ----------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Tokenized:
@@ -255,7 +268,9 @@ class PairTokenizer:
         prompt_ids = self.encode(prompt_text)
         sequences = []
         for answer in (pair.chosen, pair.rejected):
-            full_text = self.render(pair.prompt + [{"role": "assistant", "content": answer}], add_generation_prompt=False)
+            full_text = self.render(
+                pair.prompt + [{"role": "assistant", "content": answer}], add_generation_prompt=False
+            )
             if not full_text.startswith(prompt_text):
                 return "template_mismatch"
             full_ids = self.encode(full_text)
@@ -272,7 +287,7 @@ class PairTokenizer:
         for prompt, response in sequences:
             if longest > self.max_length and len(prompt) > self.max_prompt_length:
                 keep = self.max_prompt_length - (1 if prompt[:1] == [self.bos] else 0)
-                prompt = (prompt[:1] if prompt[:1] == [self.bos] else []) + prompt[len(prompt) - keep:]
+                prompt = (prompt[:1] if prompt[:1] == [self.bos] else []) + prompt[len(prompt) - keep :]
             response = response[: self.max_length - len(prompt)]
             if not response:
                 return "prompt_too_long"
@@ -290,6 +305,7 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 
 
 # ---- a tokenised split ---------------------------------------------------------------------------
+
 
 @dataclass
 class PreferenceSplit:
@@ -324,8 +340,14 @@ class PreferenceSplit:
     def save(self, path: Path) -> None:
         meta = {"skipped": self.skipped, "skipped_example": self.skipped_example, "num_rows": self.num_rows}
         tmp = path.with_name(path.name + f".tmp{os.getpid()}.npz")
-        np.savez(tmp, tokens=self.tokens, offsets=self.offsets, prompt_lens=self.prompt_lens,
-                 row_index=self.row_index, meta=np.array(json.dumps(meta)))
+        np.savez(
+            tmp,
+            tokens=self.tokens,
+            offsets=self.offsets,
+            prompt_lens=self.prompt_lens,
+            row_index=self.row_index,
+            meta=np.array(json.dumps(meta)),
+        )
         os.replace(tmp, path)
 
     @classmethod
@@ -351,6 +373,7 @@ def _process_row(row: dict[str, Any]) -> Tokenized | str:
 def tokenize_rows(rows: list[dict[str, Any]], pair_tokenizer: PairTokenizer, num_proc: int = 1) -> PreferenceSplit:
     """Normalise and tokenise every row (in `num_proc` processes), counting skipped rows by reason."""
     if num_proc > 1:
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the Rust pool does not survive fork
         with mp.get_context("fork").Pool(num_proc, initializer=_init_worker, initargs=(pair_tokenizer,)) as pool:
             results = pool.map(_process_row, rows, chunksize=max(1, len(rows) // (num_proc * 8)))
     else:
@@ -381,8 +404,14 @@ def tokenize_rows(rows: list[dict[str, Any]], pair_tokenizer: PairTokenizer, num
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    parts = [backend.to_str() if backend is not None else repr(tokenizer.get_vocab()),
-             str(tokenizer.chat_template), repr(sorted(tokenizer.special_tokens_map.items()))]
+    parts = [
+        backend.to_str() if backend is not None else repr(tokenizer.get_vocab()),
+        str(tokenizer.chat_template),
+        repr(sorted(tokenizer.special_tokens_map.items())),
+        # PairTokenizer's BOS rule and end-of-turn set depend on these; special_tokens_map omits extras.
+        repr(sorted(tokenizer.all_special_ids)),
+        repr(tokenizer("a", add_special_tokens=True)["input_ids"]),
+    ]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
@@ -413,7 +442,9 @@ def load_split(
         data.save(cache)
     if len(data) == 0:
         reasons = ", ".join(f"{k}: {v} (e.g. row {data.skipped_example[k]})" for k, v in sorted(data.skipped.items()))
-        raise DataError(f"{where}: none of its {data.num_rows} rows is usable ({reasons}). Accepted: {FORMATS_ACCEPTED}.")
+        raise DataError(
+            f"{where}: none of its {data.num_rows} rows is usable ({reasons}). Accepted: {FORMATS_ACCEPTED}."
+        )
     return data
 
 
@@ -426,17 +457,23 @@ def describe_skipped(data: PreferenceSplit) -> str:
 
 # ---- sampling ------------------------------------------------------------------------------------
 
+
 def global_batches(num_pairs: int, batch_size: int, seed: int) -> Iterator[tuple[int, np.ndarray]]:
     """(epoch, pair indices) of each global batch, forever: a seeded permutation per epoch, cut
-    into full batches (the incomplete tail of an epoch is dropped, so every step sees `batch_size`)."""
+    into full batches (the incomplete tail of an epoch is dropped, so every step sees `batch_size`).
+    Too few pairs is an error now, not at the first step."""
     if num_pairs < batch_size:
         raise DataError(f"The training split has {num_pairs} usable pairs, fewer than global_batch_size={batch_size}.")
-    epoch = 0
-    while True:
-        order = np.random.default_rng([seed, epoch]).permutation(num_pairs)
-        for start in range(0, num_pairs - batch_size + 1, batch_size):
-            yield epoch, order[start : start + batch_size]
-        epoch += 1
+
+    def batches() -> Iterator[tuple[int, np.ndarray]]:
+        epoch = 0
+        while True:
+            order = np.random.default_rng([seed, epoch]).permutation(num_pairs)
+            for start in range(0, num_pairs - batch_size + 1, batch_size):
+                yield epoch, order[start : start + batch_size]
+            epoch += 1
+
+    return batches()
 
 
 def nll_token_count(data: PreferenceSplit, indices: np.ndarray, nll_on_prompt: bool) -> int:

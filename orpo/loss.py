@@ -42,9 +42,13 @@ def log1mexp(a: torch.Tensor) -> torch.Tensor:
     return torch.where(near_zero, torch.log(-torch.expm1(a_near)), torch.log1p(-torch.exp(a_far)))
 
 
+def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 def log_odds(logp: torch.Tensor) -> torch.Tensor:
     """log(P / (1 - P)) for P = exp(logp), in float32 at least."""
-    logp = logp.float() if logp.dtype in (torch.float16, torch.bfloat16) else logp
+    logp = _at_least_float32(logp)
     return logp - log1mexp(logp)
 
 
@@ -95,7 +99,7 @@ def orpo_loss(
         orpo_lambda: weight of the odds-ratio term (TRL's `beta`).
     """
     terms = odds_ratio_terms(chosen_logps, rejected_logps)
-    nll_loss = nll_sum.float() / num_nll_tokens
+    nll_loss = _at_least_float32(nll_sum) / num_nll_tokens
     or_loss = orpo_lambda * terms.or_loss.sum() / num_pairs
     return ORPOLoss(
         loss=nll_loss + or_loss,
@@ -107,11 +111,10 @@ def orpo_loss(
 
 
 def token_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """log P(target) at every position, in float32: logits [N, T, V], targets [N, T] -> [N, T].
-
-    Targets outside [0, V) (e.g. -100) give 0 and must be masked by the caller.
+    """log P(target) at every position, in float32 at least: logits [N, T, V], targets [N, T] in
+    [0, V) -> [N, T]. Callers replace ignored targets (-100) by a valid id and mask the result.
     """
-    logits = logits.float()
+    logits = _at_least_float32(logits)
     safe = targets.clamp(min=0)
     picked = logits.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
     return picked - torch.logsumexp(logits, dim=-1)

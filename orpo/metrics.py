@@ -13,13 +13,34 @@ import torch
 import torch.nn.functional as F
 
 # Slots of the sums tensor.
-_SLOTS = ("nll_sum", "nll_tokens", "or_sum", "pairs", "logps_chosen", "logps_rejected",
-          "log_odds_chosen", "log_odds_ratio", "accuracies", "tokens")
+_SLOTS = (
+    "nll_sum",
+    "nll_tokens",
+    "or_sum",
+    "pairs",
+    "logps_chosen",
+    "logps_rejected",
+    "log_odds_chosen",
+    "log_odds_ratio",
+    "accuracies",
+    "tokens",
+)
 _INDEX = {name: i for i, name in enumerate(_SLOTS)}
 
 # Dense bf16 peak of common training GPUs, TFLOP/s (vendor data sheets), for MFU.
-PEAK_TFLOPS = {"H200": 989.0, "H100 SXM": 989.0, "H100 80GB HBM3": 989.0, "H100 PCIe": 756.0, "H100": 756.0,
-               "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10": 125.0, "RTX 4090": 165.0, "RTX 3090": 71.0}
+PEAK_TFLOPS = {
+    "H200": 989.0,
+    "H100 SXM": 989.0,
+    "H100 80GB HBM3": 989.0,
+    "H100 PCIe": 756.0,
+    "H100": 756.0,
+    "A100": 312.0,
+    "L40S": 362.0,
+    "L4": 121.0,
+    "A10": 125.0,
+    "RTX 4090": 165.0,
+    "RTX 3090": 71.0,
+}
 
 
 class MetricSums:
@@ -29,27 +50,36 @@ class MetricSums:
         self.sums = torch.zeros(len(_SLOTS), dtype=torch.float64, device=device)
 
     @torch.no_grad()
-    def add(self, chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, log_odds_ratio: torch.Tensor,
-            nll_sum: torch.Tensor, nll_tokens: torch.Tensor, num_tokens: torch.Tensor) -> None:
+    def add(
+        self,
+        chosen_logps: torch.Tensor,
+        rejected_logps: torch.Tensor,
+        log_odds_ratio: torch.Tensor,
+        nll_sum: torch.Tensor,
+        nll_tokens: torch.Tensor,
+        num_tokens: torch.Tensor,
+    ) -> None:
         """Per-pair tensors are [pairs]; `log_odds_ratio` is r; `nll_sum` the summed token NLL."""
-        values = torch.stack([
-            nll_sum.detach().double(),
-            nll_tokens.double(),
-            (-F.logsigmoid(log_odds_ratio.double())).sum(),
-            torch.tensor(float(len(chosen_logps)), dtype=torch.float64, device=self.sums.device),
-            chosen_logps.detach().double().sum(),
-            rejected_logps.detach().double().sum(),
-            log_odds_ratio.double().sum(),
-            F.logsigmoid(log_odds_ratio.double()).sum(),
-            (chosen_logps > rejected_logps).double().sum(),
-            num_tokens.double(),
-        ])
+        values = torch.stack(
+            [
+                nll_sum.detach().double(),
+                nll_tokens.double(),
+                (-F.logsigmoid(log_odds_ratio.double())).sum(),
+                torch.tensor(float(len(chosen_logps)), dtype=torch.float64, device=self.sums.device),
+                chosen_logps.detach().double().sum(),
+                rejected_logps.detach().double().sum(),
+                log_odds_ratio.double().sum(),
+                F.logsigmoid(log_odds_ratio.double()).sum(),
+                (chosen_logps > rejected_logps).double().sum(),
+                num_tokens.double(),
+            ]
+        )
         self.sums += values.to(self.sums.device)
 
     def reduce(self, accelerator, orpo_lambda: float) -> dict[str, float]:
         """Sum over ranks, then turn the sums into the spec's metrics (tags without prefix)."""
         sums = accelerator.reduce(self.sums.clone(), reduction="sum") if accelerator.num_processes > 1 else self.sums
-        s = dict(zip(_SLOTS, sums.tolist()))
+        s = dict(zip(_SLOTS, sums.tolist(), strict=True))
         pairs = max(s["pairs"], 1.0)
         nll = s["nll_sum"] / max(s["nll_tokens"], 1.0)
         or_term = orpo_lambda * s["or_sum"] / pairs

@@ -120,7 +120,7 @@ def load_model(cfg: TrainConfig, device: torch.device | None = None) -> tuple[to
             model, use_gradient_checkpointing=cfg.gradient_checkpointing, gradient_checkpointing_kwargs=gc_kwargs
         )
     elif cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=gc_kwargs)
     if cfg.mode in ("lora", "qlora"):
         from peft import LoraConfig, get_peft_model
 
@@ -145,7 +145,9 @@ def _stored_numel(p: torch.Tensor) -> int:
     return int(torch.Size(quant_state.shape).numel()) if quant_state is not None else p.numel()
 
 
-def save_trained(model: torch.nn.Module, tokenizer: Any, output_dir: str | Path, state_dict: dict | None = None) -> None:
+def save_trained(
+    model: torch.nn.Module, tokenizer: Any, output_dir: str | Path, state_dict: dict | None = None
+) -> None:
     """The adapter (LoRA/QLoRA) or the whole model, in safetensors, with the tokenizer beside it."""
     model.save_pretrained(output_dir, state_dict=state_dict, safe_serialization=True)
     tokenizer.save_pretrained(output_dir)

@@ -12,14 +12,21 @@ from orpo.config import TrainConfig
 def build_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
     """AdamW over the trainable parameters: torch's, or bitsandbytes' 8-bit / paged variants."""
     params = [p for p in model.parameters() if p.requires_grad]
-    kwargs = dict(lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
-                  weight_decay=cfg.weight_decay)
+    kwargs = dict(
+        lr=cfg.learning_rate,
+        betas=(cfg.adam_beta1, cfg.adam_beta2),
+        eps=cfg.adam_epsilon,
+        weight_decay=cfg.weight_decay,
+    )
     if cfg.optim == "adamw_torch":
         return torch.optim.AdamW(params, **kwargs)
     import bitsandbytes as bnb
 
-    cls = {"paged_adamw_8bit": bnb.optim.PagedAdamW8bit, "adamw_8bit": bnb.optim.AdamW8bit,
-           "paged_adamw_32bit": bnb.optim.PagedAdamW32bit}[cfg.optim]
+    cls = {
+        "paged_adamw_8bit": bnb.optim.PagedAdamW8bit,
+        "adamw_8bit": bnb.optim.AdamW8bit,
+        "paged_adamw_32bit": bnb.optim.PagedAdamW32bit,
+    }[cfg.optim]
     return cls(params, **kwargs)
 
 
@@ -37,7 +44,9 @@ def lr_lambda(step: int, warmup_steps: int, max_steps: int, kind: str) -> float:
     return max(0.0, 1.0 - progress)
 
 
-def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, warmup_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+def build_scheduler(
+    cfg: TrainConfig, optimizer: torch.optim.Optimizer, warmup_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_lambda(step, warmup_steps, cfg.max_steps, cfg.lr_scheduler)
     )

@@ -69,7 +69,9 @@ def build_tokenizer(corpus: list[str]) -> PreTrainedTokenizerFast:
     bos = tok.token_to_id("<s>")
     # Like Llama/Mistral, the tokenizer adds BOS itself, while the chat template writes one too:
     # the data pipeline must end up with exactly one.
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)])
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)]
+    )
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>"
     )

@@ -1,0 +1,43 @@
+# Front doors: `make demo` and `make test` build .venv from the pinned requirements (rebuilt only
+# when requirements.txt changes), then train the tiny model / run the suite, offline.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PY := $(VENV)/bin/python
+REQ_HASH := $(shell sha256sum requirements.txt | cut -d' ' -f1)
+export HF_HUB_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: venv demo test test-fast lint train install-gpu tensorboard clean
+
+venv:
+	@if [ "$$(cat $(VENV)/.requirements.sha256 2>/dev/null)" != "$(REQ_HASH)" ]; then \
+		echo "creating $(VENV) from requirements.txt"; \
+		rm -rf $(VENV) && $(PYTHON) -m venv $(VENV) && \
+		$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt && \
+		echo "$(REQ_HASH)" > $(VENV)/.requirements.sha256; \
+	fi
+
+demo: venv
+	$(PY) train_orpo.py --config configs/tiny.yaml
+
+test: venv
+	$(PY) -m pytest tests -q
+
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+# The published recipe on this machine's GPU (needs the hub and a GPU).
+train: venv
+	HF_HUB_OFFLINE=0 HF_DATASETS_OFFLINE=0 $(VENV)/bin/accelerate launch train_orpo.py --config configs/mistral7b_qlora.yaml
+
+# flash-attention 2 needs CUDA to build; without it the trainer uses SDPA.
+install-gpu: venv
+	$(PY) -m pip install flash-attn --no-build-isolation
+
+tensorboard: venv
+	$(VENV)/bin/tensorboard --logdir runs
+
+clean:
+	rm -rf runs .pytest_cache .ruff_cache

@@ -1,0 +1,46 @@
+"""Shared fixtures: offline, tiny models built from the shipped config, fresh accelerate state."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ROOT / "assets" / "tiny"
+TINY_CONFIG = ROOT / "configs" / "tiny.yaml"
+
+
+def reset_accelerate() -> None:
+    """Accelerate keeps process-wide singletons; each in-process run needs fresh ones."""
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+
+
+@pytest.fixture
+def fresh_accelerate():
+    reset_accelerate()
+    yield
+    reset_accelerate()
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random 2-layer Llama saved to disk with the tiny tokenizer: a local 'pretrained' model."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    path = tmp_path_factory.mktemp("tiny_base")
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(TINY))
+    model.save_pretrained(path)
+    AutoTokenizer.from_pretrained(TINY).save_pretrained(path)
+    return path

@@ -1,0 +1,123 @@
+"""Config: shipped recipes load, defaults are the published recipe, bad input is named clearly."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import yaml
+
+from orpo.config import ConfigError, TrainConfig, load_config, parse_override, plan_batches
+
+ROOT = Path(__file__).resolve().parent.parent
+SHIPPED = sorted((ROOT / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_every_shipped_config_loads_and_validates(path: Path) -> None:
+    cfg = load_config(path)
+    raw = yaml.safe_load(path.read_text())
+    for key, value in raw.items():
+        got = getattr(cfg, key)
+        assert got == (float(value) if isinstance(got, float) else value), key
+
+
+def test_shipped_configs_include_demo_and_recipe() -> None:
+    assert {p.name for p in SHIPPED} >= {"tiny.yaml", "mistral7b_qlora.yaml"}
+
+
+def test_defaults_are_the_published_recipe() -> None:
+    recipe = load_config(ROOT / "configs" / "mistral7b_qlora.yaml")
+    assert recipe == TrainConfig()
+    d = TrainConfig()
+    assert (d.model_name_or_path, d.dataset, d.train_split, d.eval_split) == (
+        "mistralai/Mistral-7B-v0.1",
+        "HuggingFaceH4/ultrafeedback_binarized",
+        "train_prefs",
+        "test_prefs",
+    )
+    assert (d.mode, d.lora_r, d.lora_alpha, d.lora_dropout) == ("qlora", 16, 16, 0.05)
+    assert set(d.lora_target_modules) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert (d.orpo_lambda, d.learning_rate, d.lr_scheduler, d.warmup_ratio) == (0.1, 8e-6, "linear", 0.1)
+    assert (d.max_length, d.optim, d.gradient_checkpointing, d.global_batch_size, d.max_steps) == (
+        1024,
+        "paged_adamw_8bit",
+        True,
+        64,
+        2000,
+    )
+
+
+def test_unknown_key_names_nearest_valid_key(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="'learning_rat'.*Did you mean 'learning_rate'"):
+        load_config(None, ["learning_rat=1e-4"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("orpo_lamda: 0.2\n")
+    with pytest.raises(ConfigError, match=r"orpo_lamda.*bad\.yaml.*Did you mean 'orpo_lambda'"):
+        load_config(bad)
+
+
+@pytest.mark.parametrize(
+    ("override", "pattern"),
+    [
+        ("max_steps=ten", r"max_steps .* must be int, got 'ten'"),
+        ("max_steps=2.5", r"max_steps .* must be int, got 2.5"),
+        ("nll_on_prompt=1", r"nll_on_prompt .* must be bool"),
+        ("lora_target_modules=q_proj", r"lora_target_modules .* must be list"),
+        ("mode=int4", r"mode='int4' is not one of full, lora, qlora"),
+        ("max_prompt_length=2048", r"max_prompt_length \(2048\) must be smaller than max_length \(1024\)"),
+        ("learning_rate=fast", r"learning_rate .* must be float"),
+    ],
+)
+def test_wrong_types_and_values_are_refused(override: str, pattern: str) -> None:
+    with pytest.raises(ConfigError, match=pattern):
+        load_config(None, [override])
+
+
+def test_overrides_are_read_as_yaml() -> None:
+    cfg = load_config(
+        ROOT / "configs" / "tiny.yaml",
+        ["learning_rate=1e-4", "eval_split=null", "max_steps=7", "lora_target_modules=[q_proj, v_proj]"],
+    )
+    assert cfg.learning_rate == 1e-4 and isinstance(cfg.learning_rate, float)
+    assert cfg.eval_split is None and cfg.max_steps == 7 and cfg.lora_target_modules == ["q_proj", "v_proj"]
+    assert parse_override("output_dir=a=b") == ("output_dir", "a=b")
+    with pytest.raises(ConfigError, match="not of the form key=value"):
+        parse_override("max_steps")
+
+
+def test_missing_config_file_is_named() -> None:
+    with pytest.raises(ConfigError, match="nope.yaml' does not exist"):
+        load_config("nope.yaml")
+
+
+def test_accumulation_is_derived_from_the_global_batch() -> None:
+    cfg = TrainConfig()  # 64 pairs, 2 per device
+    assert dataclasses.astuple(plan_batches(cfg, 1))[:4] == (2, 32, 1, 64)
+    assert dataclasses.astuple(plan_batches(cfg, 8))[:4] == (2, 4, 8, 64)
+    assert plan_batches(cfg, 1).warmup_steps == 200
+
+
+def test_global_batch_that_does_not_divide_says_which_would() -> None:
+    with pytest.raises(
+        ConfigError,
+        match=r"global_batch_size=64 does not split over 3 processes .*"
+        r"global_batch_size=60 or 66 would divide",
+    ):
+        plan_batches(TrainConfig(), 3)
+    with pytest.raises(
+        ConfigError,
+        match=r"global_batch_size=10 is not a multiple of per_device_batch_size=4; "
+        r"global_batch_size=8 or 12 would divide",
+    ):
+        TrainConfig(global_batch_size=10, per_device_batch_size=4)
+
+
+def test_single_file_dataset_needs_an_eval_file_or_none(tmp_path: Path) -> None:
+    data = tmp_path / "prefs.jsonl"
+    data.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n')
+    with pytest.raises(ConfigError, match="is a single file, the training data, so eval_split='test_prefs'"):
+        load_config(None, [f"dataset={data}"])
+    assert load_config(None, [f"dataset={data}", "eval_split=null"]).eval_split is None
+    assert load_config(None, [f"dataset={data}", f"eval_split={data}"]).eval_split == str(data)
