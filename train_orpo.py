@@ -36,11 +36,12 @@ from tqdm.auto import tqdm
 
 from orpo.collator import PairCollator
 from orpo.config import BatchPlan, ConfigError, TrainConfig, load_config, plan_batches, to_dict
-from orpo.data import DataError, PreferenceSplit, describe_skipped, global_batches, load_split, nll_token_count
+from orpo.data import DataError, PreferenceSplit, describe_skipped, load_split, nll_token_count
 from orpo.loss import orpo_loss, policy_logps
 from orpo.metrics import FlopsModel, MetricSums, device_peak_tflops, mean_of, peak_memory_gb
 from orpo.model import ModelInfo, load_model, load_tokenizer, resolve_mixed_precision, save_trained
 from orpo.optim import build_optimizer, build_scheduler
+from orpo.sampling import global_batches
 
 
 def parse_args(argv: list[str] | None = None) -> TrainConfig:

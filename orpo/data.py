@@ -23,7 +23,6 @@ import json
 import multiprocessing as mp
 import os
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -453,27 +452,6 @@ def describe_skipped(data: PreferenceSplit) -> str:
         return f"{len(data)} pairs, no row skipped"
     reasons = ", ".join(f"{k}={v}" for k, v in sorted(data.skipped.items(), key=lambda kv: -kv[1]))
     return f"{len(data)} pairs kept of {data.num_rows} rows; skipped: {reasons}"
-
-
-# ---- sampling ------------------------------------------------------------------------------------
-
-
-def global_batches(num_pairs: int, batch_size: int, seed: int) -> Iterator[tuple[int, np.ndarray]]:
-    """(epoch, pair indices) of each global batch, forever: a seeded permutation per epoch, cut
-    into full batches (the incomplete tail of an epoch is dropped, so every step sees `batch_size`).
-    Too few pairs is an error now, not at the first step."""
-    if num_pairs < batch_size:
-        raise DataError(f"The training split has {num_pairs} usable pairs, fewer than global_batch_size={batch_size}.")
-
-    def batches() -> Iterator[tuple[int, np.ndarray]]:
-        epoch = 0
-        while True:
-            order = np.random.default_rng([seed, epoch]).permutation(num_pairs)
-            for start in range(0, num_pairs - batch_size + 1, batch_size):
-                yield epoch, order[start : start + batch_size]
-            epoch += 1
-
-    return batches()
 
 
 def nll_token_count(data: PreferenceSplit, indices: np.ndarray, nll_on_prompt: bool) -> int:

@@ -25,13 +25,13 @@ from orpo.data import (
     PairTokenizer,
     PreferenceSplit,
     Tokenized,
-    global_batches,
     load_split,
     nll_token_count,
     normalise_row,
     read_rows,
     tokenize_rows,
 )
+from orpo.sampling import global_batches
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "assets" / "tiny"
