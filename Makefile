@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv demo test test-fast lint train install-gpu tensorboard clean
+.PHONY: venv demo test lint train train-multigpu install-gpu tensorboard clean
 
 venv:
 	@if [ "$$(cat $(VENV)/.requirements.sha256 2>/dev/null)" != "$(REQ_HASH)" ]; then \
@@ -31,6 +31,17 @@ lint: venv
 # The published recipe on this machine's GPU (needs the hub and a GPU).
 train: venv
 	HF_HUB_OFFLINE=0 HF_DATASETS_OFFLINE=0 $(VENV)/bin/accelerate launch train_orpo.py --config configs/mistral7b_qlora.yaml
+
+# The recipe on every GPU of this machine, DeepSpeed ZeRO-3 by default. The global batch stays the
+# recipe's (64): accumulation = 64 / (per_device_batch_size x NUM_GPUS). Extra overrides: ARGS="k=v ...".
+NUM_GPUS ?= $(shell nvidia-smi -L 2>/dev/null | wc -l)
+CONFIG ?= configs/mistral7b_qlora.yaml
+ACCEL ?= accelerate_configs/zero3.yaml
+train-multigpu: venv
+	@if [ "$(NUM_GPUS)" -lt 1 ] 2>/dev/null || [ -z "$(NUM_GPUS)" ]; then \
+		echo "No GPU found (nvidia-smi -L lists none); set NUM_GPUS=N." >&2; exit 2; fi
+	HF_HUB_OFFLINE=0 HF_DATASETS_OFFLINE=0 $(VENV)/bin/accelerate launch --config_file $(ACCEL) \
+		--num_processes $(NUM_GPUS) train_orpo.py --config $(CONFIG) $(ARGS)
 
 # flash-attention 2 needs CUDA to build; without it the trainer uses SDPA.
 install-gpu: venv

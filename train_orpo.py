@@ -91,6 +91,52 @@ def plan_lines(
     ]
 
 
+def init_processes() -> tuple[PartialState, bool]:
+    """The process group, and whether to force the CPU.
+
+    Without CUDA, accelerate leaves the backend unset and each launched process thinks it is alone
+    (distributed type NO: no gradient all-reduce at all). Launched processes on a CPU-only machine
+    therefore get gloo, and for plain data parallelism the CPU flag that makes accelerate wrap DDP.
+    """
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if not launched or torch.cuda.is_available():
+        return PartialState(), False
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        return PartialState(backend="gloo"), False
+    return PartialState(cpu=True, backend="gloo"), True
+
+
+def configure_deepspeed(accelerator: Accelerator, cfg: TrainConfig, plan: BatchPlan) -> None:
+    """Fill DeepSpeed's batch, accumulation and clipping from the recipe, so they mean what it says.
+
+    Under DeepSpeed the engine clips (accelerate's clip_grad_norm_ only reports the norm), so the
+    recipe's max_grad_norm must reach the DeepSpeed config; a number already there must agree.
+    """
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is None:
+        return
+    ds = plugin.deepspeed_config
+    wanted = {
+        "train_micro_batch_size_per_gpu": plan.micro_batch,
+        "gradient_accumulation_steps": plan.accumulation,
+        "train_batch_size": plan.global_batch,
+        "gradient_clipping": cfg.max_grad_norm,
+    }
+    for key, value in wanted.items():
+        if ds.get(key, "auto") not in ("auto", value):
+            raise ConfigError(
+                f"The DeepSpeed config sets {key}={ds[key]!r} but the recipe implies {value!r}; "
+                f'set it to "auto" in the DeepSpeed JSON and choose it in the recipe.'
+            )
+        ds[key] = value
+    for section in ("optimizer", "scheduler"):
+        if section in ds:
+            raise ConfigError(
+                f"The DeepSpeed config has an {section!r} section; remove it: the recipe's optim and "
+                "lr_scheduler are used under DeepSpeed too."
+            )
+
+
 def check_output_dir(cfg: TrainConfig) -> Path:
     """Refuse to clobber a finished run, and fail now (not after hours) if we cannot write."""
     out = Path(cfg.output_dir)
@@ -152,13 +198,20 @@ def evaluate(
     batch_size: int,
     orpo_lambda: float,
 ) -> dict[str, float]:
-    """Metrics over the whole eval subset, each rank taking every num_processes-th pair."""
+    """Metrics over the whole eval subset, each rank taking every num_processes-th pair.
+
+    Every rank runs the same number of forwards (a rank out of pairs runs a discarded one): under
+    ZeRO-3 each forward gathers parameters collectively, and an uneven count would hang.
+    """
     model.eval()
     sums = MetricSums(accelerator.device)
     mine = indices[accelerator.process_index :: accelerator.num_processes]
-    for start in range(0, len(mine), batch_size):
-        batch = to_device(collator([data[i] for i in mine[start : start + batch_size]]), accelerator.device)
-        forward_orpo(model, batch, orpo_lambda, 1, 1, sums)
+    rounds = math.ceil(math.ceil(len(indices) / accelerator.num_processes) / batch_size)
+    for start in range(0, rounds * batch_size, batch_size):
+        chunk = mine[start : start + batch_size]
+        target = sums if len(chunk) else MetricSums(accelerator.device)
+        batch = to_device(collator([data[i] for i in (chunk if len(chunk) else indices[:1])]), accelerator.device)
+        forward_orpo(model, batch, orpo_lambda, 1, 1, target)
     model.train()
     metrics = sums.reduce(accelerator, orpo_lambda)
     for key in ("pairs", "tokens"):
@@ -180,18 +233,18 @@ def flat_hparams(cfg: TrainConfig) -> dict[str, Any]:
 
 def main(cfg: TrainConfig) -> dict[str, Any]:
     started = time.time()
-    # Without CUDA, accelerate leaves the backend unset and each launched process thinks it is alone.
-    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    state = PartialState(backend="gloo") if launched and not torch.cuda.is_available() else PartialState()
+    state, cpu_only = init_processes()
     plan = plan_batches(cfg, state.num_processes)
     out = check_output_dir(cfg)
     state.wait_for_everyone()
     accelerator = Accelerator(
+        cpu=cpu_only,
         gradient_accumulation_steps=plan.accumulation,
         mixed_precision=resolve_mixed_precision(cfg),
         log_with="tensorboard",
         project_dir=str(out),
     )
+    configure_deepspeed(accelerator, cfg, plan)
     say = accelerator.print
     set_seed(cfg.seed)
 

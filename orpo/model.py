@@ -107,8 +107,11 @@ def load_model(cfg: TrainConfig, device: torch.device | None = None) -> tuple[to
                 bnb_4bit_quant_type="nf4",
                 bnb_4bit_use_double_quant=True,
                 bnb_4bit_compute_dtype=dtype,
+                # ZeRO-3 shards parameters as floats: store the 4-bit data in the compute dtype.
+                bnb_4bit_quant_storage=dtype if _zero3_enabled() else torch.uint8,
             )
-            kwargs["device_map"] = {"": device if device is not None else "cpu"}
+            if not _zero3_enabled():  # ZeRO-3 places the shards itself
+                kwargs["device_map"] = {"": device if device is not None else "cpu"}
         model = AutoModelForCausalLM.from_pretrained(cfg.model_name_or_path, **kwargs)
         source = cfg.model_name_or_path
     model.config.use_cache = False
@@ -134,15 +137,23 @@ def load_model(cfg: TrainConfig, device: torch.device | None = None) -> tuple[to
             task_type="CAUSAL_LM",
         )
         model = get_peft_model(model, lora)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    trainable = sum(_stored_numel(p) for p in model.parameters() if p.requires_grad)
     total = sum(_stored_numel(p) for p in model.parameters())
     return model, ModelInfo(source, attention, dtype, trainable, total)
 
 
+def _zero3_enabled() -> bool:
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    return is_deepspeed_zero3_enabled()
+
+
 def _stored_numel(p: torch.Tensor) -> int:
-    """Parameters of a 4-bit layer are stored two to a byte; count what they represent."""
+    """Parameters a tensor represents: 4-bit layers store two to a byte, ZeRO-3 keeps a shard."""
     quant_state = getattr(p, "quant_state", None)
-    return int(torch.Size(quant_state.shape).numel()) if quant_state is not None else p.numel()
+    if quant_state is not None:
+        return int(torch.Size(quant_state.shape).numel())
+    return int(getattr(p, "ds_numel", p.numel()))
 
 
 def save_trained(
