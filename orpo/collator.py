@@ -11,6 +11,9 @@ For B pairs the batch has 2B rows, padded on the right to the longest sequence o
 
 Labels mark positions, never token ids, so a pad token equal to EOS cannot hide EOS from the loss.
 The counts the global-batch normalisation needs are computed here, before the forward pass.
+
+PackedPairCollator lays the same 2B sequences end to end in one row with no padding at all
+(padding-free training; see its docstring).
 """
 
 from __future__ import annotations
@@ -56,5 +59,62 @@ class PairCollator:
             "num_pairs": torch.tensor(pairs),
             "num_nll_tokens": (nll_labels != IGNORE_INDEX).sum(),
             "num_tokens": attention_mask.sum(),
+            "row_index": torch.tensor([e["row_index"] for e in examples]),
+        }
+
+
+class PackedPairCollator:
+    """All 2B sequences of a micro-batch in one row with no padding: chosen sequences first, then rejected.
+
+        input_ids     [1, L]   the sequences back to back, L = total real tokens
+        position_ids  [1, L]   0, 1, ... restarting at each sequence
+        labels        [1, L]   token ids on response tokens; -100 on prompts and on each sequence's first
+                               token, so no position predicts across a boundary
+        nll_labels    [1, L]   L_SFT targets: = labels on the chosen sequences (plus every chosen token
+                               but each sequence's first when `nll_on_prompt`), -100 on the rejected ones
+        seq_lens      [2B]     length of each sequence; cu_seqlens [2B + 1] (int32) their offsets
+
+    There is deliberately no attention_mask. Call the model with `position_ids` and `use_cache=False`:
+    transformers then builds a block-diagonal causal mask from the restarts of `position_ids` (sdpa,
+    eager), and flash_attention_2 runs varlen attention from them. With a KV cache or an attention
+    mask it does not, and the sequences would attend to each other. sdpa materialises an [L, L] mask
+    and computes attention over all L^2 pairs; packing pays off with flash_attention_2.
+
+    The count keys are PairCollator's: num_pairs, num_nll_tokens, num_tokens (= L), row_index.
+    Turn the model's output into PolicyLogps with orpo.logprobs.packed_policy_logps (logits) or
+    orpo.logprobs.policy_logps_from_hidden(..., seq_lens=batch["seq_lens"]) (hidden states).
+    """
+
+    def __init__(self, nll_on_prompt: bool = False) -> None:
+        self.nll_on_prompt = nll_on_prompt
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        seqs = [e["chosen_ids"] for e in examples] + [e["rejected_ids"] for e in examples]
+        prompt_lens = [e["chosen_prompt_len"] for e in examples] + [e["rejected_prompt_len"] for e in examples]
+        pairs = len(examples)
+        input_ids = torch.cat([torch.as_tensor(s, dtype=torch.long) for s in seqs])
+        seq_lens = torch.tensor([len(s) for s in seqs], dtype=torch.long)
+        cu_seqlens = torch.zeros(len(seqs) + 1, dtype=torch.int32)
+        cu_seqlens[1:] = torch.cumsum(seq_lens, 0)
+        starts = cu_seqlens[:-1].long()
+        position_ids = torch.arange(len(input_ids)) - torch.repeat_interleave(starts, seq_lens)
+        labels = torch.full_like(input_ids, IGNORE_INDEX)
+        nll_labels = torch.full_like(input_ids, IGNORE_INDEX)
+        for k, (start, length, plen) in enumerate(zip(starts.tolist(), seq_lens.tolist(), prompt_lens, strict=True)):
+            first_scored = start + max(plen, 1)  # the first token has no predecessor in its sequence
+            labels[first_scored : start + length] = input_ids[first_scored : start + length]
+            if k < pairs:
+                nll_from = start + 1 if self.nll_on_prompt else first_scored
+                nll_labels[nll_from : start + length] = input_ids[nll_from : start + length]
+        return {
+            "input_ids": input_ids[None],
+            "position_ids": position_ids[None],
+            "labels": labels[None],
+            "nll_labels": nll_labels[None],
+            "seq_lens": seq_lens,
+            "cu_seqlens": cu_seqlens,
+            "num_pairs": torch.tensor(pairs),
+            "num_nll_tokens": (nll_labels != IGNORE_INDEX).sum(),
+            "num_tokens": torch.tensor(len(input_ids)),
             "row_index": torch.tensor([e["row_index"] for e in examples]),
         }

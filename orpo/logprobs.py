@@ -1,0 +1,296 @@
+"""Log-probs of the scored tokens straight from the LM head's input, without the [tokens, vocab] logits.
+
+The unfused path (`model(...).logits` -> `orpo.loss.policy_logps`) holds float32 logits for every
+position of the batch, [2B, T, V], plus their log-softmax and its gradient: for Mistral-7B (V=32,000)
+and 16k tokens that is ~2 GB per copy. ORPO only needs log P(target) at the positions it scores, so:
+
+  1. keep the decoder's last hidden states, [R, T, H], and gather only the positions whose next
+     token is scored (response tokens; also the chosen prompts' with `nll_on_prompt`): [N, H];
+  2. `chunked_token_logps`: per chunk of positions, logits = hidden @ W^T (+ b) in float32, then
+     log P(target) = logit[target] - logsumexp(logits). Backward recomputes each chunk's logits, so
+     memory holds one chunk's [c, V] at a time, never [N, V]:
+
+         d logp_i / d logits_i = onehot(target_i) - softmax(logits_i)
+         grad_hidden_i = g_i * (onehot - softmax) @ W              [c, H]
+         grad_W        = sum_i g_i * (onehot - softmax)^T @ hidden [V, H]   (skipped for a frozen head)
+
+  3. sum those per sequence (padded rows, or segments of a packed row) into the same `PolicyLogps`
+     as `orpo.loss.policy_logps`, so the two paths are interchangeable.
+
+Valid only for models whose logits are exactly `lm_head(last_hidden_state)` (Llama, Mistral, Qwen2,
+...): `output_projection` refuses heads it cannot reproduce (softcapped or scaled logits, a LoRA or
+4-bit head). Under DeepSpeed ZeRO-3 the head's weight is partitioned outside its module's forward;
+use the unfused path there.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+
+from orpo.collator import IGNORE_INDEX
+from orpo.loss import PolicyLogps, token_logps
+
+# One chunk's float32 logits take chunk x V x 4 bytes; backward holds about two such buffers.
+DEFAULT_CHUNK_BYTES = 256 * 2**20
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def default_chunk_size(vocab_size: int, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> int:
+    """Positions per chunk so that one chunk's float32 logits fit `chunk_bytes` (2,097 for V=32,000)."""
+    return max(1, chunk_bytes // (4 * vocab_size))
+
+
+# ---- the chunked head ----------------------------------------------------------------------------
+
+
+class _Precision(NamedTuple):
+    operand: torch.dtype  # the matmuls' inputs are cast to this
+    out: torch.dtype  # logits, softmax and the accumulated weight gradient: float32 (float64 for float64 inputs)
+
+
+def _precision(hidden: torch.Tensor, weight: torch.Tensor, matmul_dtype: torch.dtype | None) -> _Precision:
+    out = torch.promote_types(torch.promote_types(hidden.dtype, weight.dtype), torch.float32)
+    return _Precision(matmul_dtype or out, out)
+
+
+def _matmul(a: torch.Tensor, b: torch.Tensor, p: _Precision) -> torch.Tensor:
+    """a @ b with a, b in p.operand, result in p.out (products of half operands are exact in float32)."""
+    if a.dtype == p.out:
+        return a @ b
+    if a.is_cuda:  # tensor cores, float32 accumulation and output
+        return torch.mm(a, b, out_dtype=p.out)
+    return a.to(p.out) @ b.to(p.out)  # the same numbers, where mm(out_dtype=) has no kernel (CPU)
+
+
+def _chunk_logits(
+    hidden: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None, p: _Precision
+) -> torch.Tensor:
+    logits = _matmul(hidden.to(p.operand), weight_t, p)
+    return logits if bias is None else logits.add_(bias)
+
+
+class _ChunkedTokenLogps(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx: Any,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        targets: torch.Tensor,
+        chunk_size: int,
+        matmul_dtype: torch.dtype | None,
+    ) -> torch.Tensor:
+        p = _precision(hidden, weight, matmul_dtype)
+        weight_t = weight.to(p.operand).t()  # one upcast copy [V, H] at most, never [N, V]
+        bias_out = None if bias is None else bias.to(p.out)
+        logps = torch.empty(hidden.shape[0], dtype=p.out, device=hidden.device)
+        lse = torch.empty_like(logps)
+        with torch.autocast(hidden.device.type, enabled=False):  # keep autocast from casting to bf16
+            for start in range(0, hidden.shape[0], chunk_size):
+                end = start + chunk_size
+                logits = _chunk_logits(hidden[start:end], weight_t, bias_out, p)
+                lse[start:end] = torch.logsumexp(logits, dim=-1)
+                logps[start:end] = logits.gather(1, targets[start:end, None]).squeeze(1) - lse[start:end]
+        ctx.save_for_backward(hidden, weight, bias, targets, lse)
+        ctx.chunk_size, ctx.precision = chunk_size, p
+        return logps
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad_logps: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        hidden, weight, bias, targets, lse = ctx.saved_tensors
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        p: _Precision = ctx.precision
+        w = weight.to(p.operand)
+        bias_out = None if bias is None else bias.to(p.out)
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        grad_weight = torch.zeros(weight.shape, dtype=p.out, device=weight.device) if need_weight else None
+        grad_bias = torch.zeros(bias.shape, dtype=p.out, device=bias.device) if need_bias else None
+        with torch.autocast(hidden.device.type, enabled=False):
+            for start in range(0, hidden.shape[0], ctx.chunk_size):
+                end = start + ctx.chunk_size
+                h = hidden[start:end].to(p.operand)
+                g = grad_logps[start:end].to(p.out)[:, None]
+                # d logp / d logits = onehot(target) - softmax, scaled by g; built in place in the logits buffer.
+                dlogits = _chunk_logits(h, w.t(), bias_out, p).sub_(lse[start:end, None]).exp_().mul_(-g)
+                dlogits.scatter_add_(1, targets[start:end, None], g)
+                if need_hidden:
+                    grad_hidden[start:end] = _matmul(dlogits.to(p.operand), w, p)
+                if need_weight and p.operand == p.out:
+                    grad_weight.addmm_(dlogits.t(), h)  # accumulate in place, no [V, H] temporary
+                elif need_weight:
+                    grad_weight += _matmul(dlogits.t().to(p.operand), h, p)
+                if need_bias:
+                    grad_bias += dlogits.sum(0)
+        return (
+            grad_hidden,
+            None if grad_weight is None else grad_weight.to(weight.dtype),
+            None if grad_bias is None else grad_bias.to(bias.dtype),
+            None,
+            None,
+            None,
+        )
+
+
+def chunked_token_logps(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    chunk_size: int | None = None,
+    matmul_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """log P(targets[i] | hidden[i]) = log_softmax(hidden[i] @ weight^T + bias)[targets[i]], chunk by chunk.
+
+    Args:
+        hidden: [N, H] the LM head's input at the scored positions (any float dtype).
+        weight: [V, H] the LM head's weight; no gradient is computed for it when it does not require one.
+        targets: [N] token ids in [0, V).
+        bias: optional [V].
+        chunk_size: positions per chunk; default from DEFAULT_CHUNK_BYTES (see `default_chunk_size`).
+        matmul_dtype: None (default) computes the logits from float32 copies of the operands, so
+            bf16/fp16 inputs give exactly the float32 products of their values. torch.bfloat16 (or
+            fp16) casts the operands, and the gradient of the logits on the way back, to it, with
+            float32 accumulation and output: the speed of the unfused head under autocast, without
+            its bf16 logits.
+
+    Returns [N] log-probs in float32 (float64 for float64 inputs). Peak extra memory is about two
+    [chunk, V] float32 buffers, plus one [V, H] copy of the weight when it must be cast.
+    """
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(
+            f"hidden must be [N, H] and weight [V, H] with the same H; got {tuple(hidden.shape)} and "
+            f"{tuple(weight.shape)}."
+        )
+    if targets.shape != hidden.shape[:1]:
+        raise ValueError(f"targets must be [N] = [{hidden.shape[0]}]; got {tuple(targets.shape)}.")
+    chunk = chunk_size or default_chunk_size(weight.shape[0])
+    return _ChunkedTokenLogps.apply(hidden, weight, bias, targets.long(), chunk, matmul_dtype)
+
+
+# ---- which positions are scored ------------------------------------------------------------------
+
+
+class _Scored(NamedTuple):
+    """The positions a micro-batch scores, response tokens first, then L_SFT-only ones (chosen prompts)."""
+
+    positions: torch.Tensor  # [N] flat index into the [R * T] positions of hidden states or logits
+    targets: torch.Tensor  # [N] the token each position predicts
+    sequence: torch.Tensor  # [num_response] which sequence (chosen 0..B-1, then rejected) each response token is in
+    response_in_nll: torch.Tensor  # [num_response] bool: this response token also counts in L_SFT
+    num_response: int
+
+
+def _scored_positions(labels: torch.Tensor, nll_labels: torch.Tensor, sequence_of_token: torch.Tensor) -> _Scored:
+    """labels, nll_labels, sequence_of_token: [R, T]; position t predicts token t+1 of its row."""
+    width = labels.shape[1]
+    targets, nll_targets = labels[:, 1:], nll_labels[:, 1:]
+    response = targets != IGNORE_INDEX
+    nll = nll_targets != IGNORE_INDEX
+    shared = response & nll & (targets == nll_targets)  # scored once, counted in both terms
+    extra = nll & ~shared
+    resp_row, resp_t = response.nonzero(as_tuple=True)
+    extra_row, extra_t = extra.nonzero(as_tuple=True)
+    return _Scored(
+        positions=torch.cat([resp_row * width + resp_t, extra_row * width + extra_t]),
+        targets=torch.cat([targets[resp_row, resp_t], nll_targets[extra_row, extra_t]]),
+        sequence=sequence_of_token[resp_row, resp_t + 1],
+        response_in_nll=shared[resp_row, resp_t],
+        num_response=int(resp_row.numel()),
+    )
+
+
+def _layout(labels: torch.Tensor, nll_labels: torch.Tensor, seq_lens: torch.Tensor | None) -> tuple[_Scored, int, int]:
+    """(scored positions, pairs, sequences) of a padded batch (seq_lens None) or a packed row."""
+    if seq_lens is None:  # padded: row r is sequence r; nll_labels covers the B chosen rows
+        rows, pairs = labels.shape[0], nll_labels.shape[0]
+        if nll_labels.shape[1] != labels.shape[1] or rows != 2 * pairs:
+            raise ValueError(
+                f"padded layout: labels must be [2B, T] and nll_labels [B, T]; got {tuple(labels.shape)} and "
+                f"{tuple(nll_labels.shape)}."
+            )
+        nll_full = torch.cat([nll_labels, torch.full_like(nll_labels, IGNORE_INDEX)])
+        sequence = torch.arange(rows, device=labels.device)[:, None].expand_as(labels)
+        return _scored_positions(labels, nll_full, sequence), pairs, rows
+    if labels.shape[0] != 1 or nll_labels.shape != labels.shape or int(seq_lens.sum()) != labels.shape[1]:
+        raise ValueError(
+            f"packed layout: labels and nll_labels must be [1, L] with L = sum(seq_lens) = {int(seq_lens.sum())}; "
+            f"got {tuple(labels.shape)} and {tuple(nll_labels.shape)}."
+        )
+    count = seq_lens.numel()
+    sequence = torch.repeat_interleave(torch.arange(count, device=labels.device), seq_lens.to(labels.device))
+    return _scored_positions(labels, nll_labels, sequence[None]), count // 2, count
+
+
+def _policy_from_token_logps(scored: _Scored, logps: torch.Tensor, pairs: int, sequences: int) -> PolicyLogps:
+    response = logps[: scored.num_response]
+    sums = torch.zeros(sequences, dtype=logps.dtype, device=logps.device).index_add(0, scored.sequence, response)
+    counts = torch.bincount(scored.sequence, minlength=sequences).clamp(min=1)
+    means = sums / counts
+    nll_sum = -(torch.where(scored.response_in_nll, response, 0).sum() + logps[scored.num_response :].sum())
+    return PolicyLogps(means[:pairs], means[pairs:], nll_sum)
+
+
+# ---- the two entry points ------------------------------------------------------------------------
+
+
+def policy_logps_from_hidden(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    nll_labels: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    seq_lens: torch.Tensor | None = None,
+    chunk_size: int | None = None,
+    matmul_dtype: torch.dtype | None = None,
+) -> PolicyLogps:
+    """`orpo.loss.policy_logps` from the last hidden states and the LM head, never forming full logits.
+
+    Padded batch (PairCollator, seq_lens None): hidden [2B, T, H], labels [2B, T], nll_labels [B, T].
+    Packed row (PackedPairCollator): hidden [1, L, H], labels and nll_labels [1, L], seq_lens [2B].
+    In both, chosen sequences come first, position t's hidden state predicts token t+1, and -100
+    marks a target that is not scored. weight [V, H] and bias [V] are the LM head's (`output_projection`).
+    """
+    scored, pairs, sequences = _layout(labels, nll_labels, seq_lens)
+    picked = hidden.reshape(-1, hidden.shape[-1])[scored.positions]
+    logps = chunked_token_logps(picked, weight, scored.targets, bias, chunk_size, matmul_dtype)
+    return _policy_from_token_logps(scored, logps, pairs, sequences)
+
+
+def packed_policy_logps(
+    logits: torch.Tensor, labels: torch.Tensor, nll_labels: torch.Tensor, seq_lens: torch.Tensor
+) -> PolicyLogps:
+    """`orpo.loss.policy_logps` for a packed row from full logits [1, L, V] (the unfused packed path)."""
+    scored, pairs, sequences = _layout(labels, nll_labels, seq_lens)
+    picked = logits.reshape(-1, logits.shape[-1])[scored.positions]
+    return _policy_from_token_logps(scored, token_logps(picked, scored.targets), pairs, sequences)
+
+
+def output_projection(model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(weight [V, H], bias [V] or None) of a causal LM's head, for a HF model, a PeftModel (LoRA on
+    other modules), or either wrapped by DDP. Refuses heads whose logits are not `hidden @ W^T + b`.
+    """
+    while hasattr(model, "module"):  # DistributedDataParallel
+        model = model.module
+    head = model.get_output_embeddings()
+    if type(head) is not torch.nn.Linear or getattr(head.weight, "quant_state", None) is not None:
+        raise ValueError(
+            f"The chunked log-prob head needs a plain nn.Linear LM head; this model's is {type(head).__name__} "
+            "(LoRA on lm_head, modules_to_save or a quantised head). Use the unfused path (full logits)."
+        )
+    if hasattr(head.weight, "ds_id"):  # DeepSpeed ZeRO-3: outside the head's own forward the weight is a shard
+        raise ValueError(
+            "The LM head's weight is partitioned by DeepSpeed ZeRO-3; the chunked log-prob head reads it outside "
+            "the module's forward. Use the unfused path (full logits) with ZeRO-3."
+        )
+    config = getattr(model, "config", None)
+    for name in ("final_logit_softcapping", "logit_scale", "logits_scaling"):
+        value = getattr(config, name, None)
+        if value not in (None, 1, 1.0):
+            raise ValueError(
+                f"The model post-processes its logits ({name}={value}); the chunked head computes plain "
+                "hidden @ W^T + b. Use the unfused path (full logits)."
+            )
+    return head.weight, head.bias

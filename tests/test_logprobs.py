@@ -1,0 +1,352 @@
+"""orpo/logprobs.py: the chunked log-prob head gives the unfused path's numbers and gradients, and never
+allocates a [positions, vocab] tensor.
+
+The reference is the unfused path: logits = hidden @ W^T + b for every position, then
+orpo.loss.policy_logps. The chunked path gathers the scored positions' hidden states and computes
+log P(target) chunk by chunk, recomputing each chunk's logits in backward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from orpo.collator import PairCollator
+from orpo.logprobs import (
+    chunked_token_logps,
+    default_chunk_size,
+    output_projection,
+    policy_logps_from_hidden,
+)
+from orpo.loss import PolicyLogps, orpo_loss, policy_logps
+from tests.conftest import TINY
+
+PAD = 3
+
+
+# ---- helpers -------------------------------------------------------------------------------------
+
+
+def random_pairs(num_pairs: int, vocab: int, seed: int, max_len: int = 12) -> list[dict[str, Any]]:
+    """Pairs as PreferenceSplit gives them: a shared prompt of 1-4 tokens, responses of 1-8 tokens."""
+    rng = np.random.default_rng(seed)
+    pairs = []
+    for i in range(num_pairs):
+        prompt = rng.integers(4, vocab, size=rng.integers(1, 5)).tolist()
+        chosen = prompt + rng.integers(4, vocab, size=rng.integers(1, max_len - len(prompt))).tolist()
+        rejected = prompt + rng.integers(4, vocab, size=rng.integers(1, max_len - len(prompt))).tolist()
+        pairs.append(
+            {
+                "chosen_ids": np.array(chosen, dtype=np.int32),
+                "chosen_prompt_len": len(prompt),
+                "rejected_ids": np.array(rejected, dtype=np.int32),
+                "rejected_prompt_len": len(prompt),
+                "row_index": i,
+            }
+        )
+    return pairs
+
+
+class Case:
+    """A collated batch with random hidden states [2B, T, H] and a random head [V, H] (+ bias)."""
+
+    def __init__(
+        self, pairs: int, hidden_size: int, vocab: int, nll_on_prompt: bool, seed: int, bias: bool = True
+    ) -> None:
+        batch = PairCollator(PAD, nll_on_prompt)(random_pairs(pairs, vocab, seed))
+        self.labels, self.nll_labels = batch["labels"], batch["nll_labels"]
+        gen = torch.Generator().manual_seed(seed)
+        rows, width = self.labels.shape
+        self.hidden = torch.randn(rows, width, hidden_size, generator=gen)
+        self.weight = torch.randn(vocab, hidden_size, generator=gen) / hidden_size**0.5
+        self.bias = torch.randn(vocab, generator=gen) if bias else None
+        self.num_nll_tokens = int(batch["num_nll_tokens"])
+
+
+def loss_of(policy: PolicyLogps, num_nll_tokens: int) -> torch.Tensor:
+    """The ORPO loss plus a term on every output, so each one's gradient is checked."""
+    out = orpo_loss(policy.chosen_logps, policy.rejected_logps, policy.nll_sum, num_nll_tokens, 4, 0.5)
+    return out.loss + 0.3 * policy.chosen_logps.sum() - 0.7 * policy.rejected_logps.sum()
+
+
+def run_path(
+    case: Case, fused: bool, train_head: bool, dtype: torch.dtype = torch.float32, **kwargs: Any
+) -> tuple[PolicyLogps, dict[str, torch.Tensor | None]]:
+    """(PolicyLogps, gradients) of one path, from leaf copies of the case's tensors in `dtype`."""
+    leaves = (None if t is None else t.to(dtype, copy=True) for t in (case.hidden, case.weight, case.bias))
+    hidden, weight, bias = leaves
+    hidden.requires_grad_(True)
+    weight.requires_grad_(train_head)
+    if bias is not None:
+        bias.requires_grad_(train_head)
+    if fused:
+        policy = policy_logps_from_hidden(hidden, weight, case.labels, case.nll_labels, bias, **kwargs)
+    else:
+        logits = hidden @ weight.t() + (0 if bias is None else bias)
+        policy = policy_logps(logits, case.labels, case.nll_labels)
+    loss_of(policy, case.num_nll_tokens).backward()
+    grads = {"hidden": hidden.grad, "weight": weight.grad, "bias": None if bias is None else bias.grad}
+    return PolicyLogps(*(t.detach() for t in policy)), grads
+
+
+def assert_policy_close(got: PolicyLogps, want: PolicyLogps, **tol: float) -> None:
+    for name, g, w in zip(PolicyLogps._fields, got, want, strict=True):
+        torch.testing.assert_close(g.double(), w.double(), msg=lambda m, name=name: f"{name}: {m}", **tol)
+
+
+class OpSizes(TorchDispatchMode):
+    """Records the shape of every tensor each aten op returns (forward and backward alike)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shapes: list[tuple[str, tuple[int, ...]]] = []
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                self.shapes.append((str(func), tuple(t.shape)))
+        return out
+
+    def largest(self) -> int:
+        return max(int(np.prod(s)) for _, s in self.shapes)
+
+
+# ---- 1. same numbers and gradients as the unfused path -------------------------------------------
+
+
+@pytest.mark.parametrize("chunk_size", [1, 7, None])
+@pytest.mark.parametrize("train_head", [True, False])
+@pytest.mark.parametrize("nll_on_prompt", [False, True])
+def test_matches_unfused_path_values_and_gradients(nll_on_prompt: bool, train_head: bool, chunk_size: int) -> None:
+    case = Case(pairs=5, hidden_size=16, vocab=50, nll_on_prompt=nll_on_prompt, seed=3)
+    want, want_grads = run_path(case, fused=False, train_head=train_head)
+    got, got_grads = run_path(case, fused=True, train_head=train_head, chunk_size=chunk_size)
+    assert_policy_close(got, want, rtol=1e-5, atol=1e-5)
+    assert got.chosen_logps.dtype == torch.float32 and got.chosen_logps.shape == (5,)
+    for name in ("hidden", "weight", "bias"):
+        if train_head or name == "hidden":
+            torch.testing.assert_close(got_grads[name], want_grads[name], rtol=1e-5, atol=1e-6)
+        else:
+            assert got_grads[name] is None, f"a frozen head gets no {name} gradient"
+
+
+def test_no_bias_head() -> None:
+    case = Case(pairs=3, hidden_size=8, vocab=20, nll_on_prompt=True, seed=5, bias=False)
+    want, want_grads = run_path(case, fused=False, train_head=True)
+    got, got_grads = run_path(case, fused=True, train_head=True, chunk_size=4)
+    assert_policy_close(got, want, rtol=1e-5, atol=1e-5)
+    for name in ("hidden", "weight"):
+        torch.testing.assert_close(got_grads[name], want_grads[name], rtol=1e-5, atol=1e-6)
+
+
+def test_frozen_head_computes_no_weight_gradient() -> None:
+    """Not just None at the end: backward never forms a [V, H] product for a frozen head."""
+    case = Case(pairs=4, hidden_size=8, vocab=30, nll_on_prompt=False, seed=7)
+
+    def backward_shapes(train_head: bool) -> list[tuple[int, ...]]:
+        hidden = case.hidden.clone().requires_grad_(True)
+        weight = case.weight.clone().requires_grad_(train_head)
+        policy = policy_logps_from_hidden(hidden, weight, case.labels, case.nll_labels, chunk_size=5)
+        loss = loss_of(policy, case.num_nll_tokens)
+        with OpSizes() as sizes:
+            loss.backward()
+        return [s for op, s in sizes.shapes if "mm" in op]
+
+    assert (30, 8) in backward_shapes(train_head=True)  # the check can see a weight gradient
+    assert (30, 8) not in backward_shapes(train_head=False)
+
+
+# ---- 2. precision --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_inputs_give_float32_logps_of_their_values(dtype: torch.dtype) -> None:
+    """bf16/fp16 hidden and weight: the log-probs are the float32 ones of the rounded values (tight),
+    and close to the float32 model's (loose: the inputs themselves are rounded)."""
+    case = Case(pairs=4, hidden_size=32, vocab=64, nll_on_prompt=True, seed=11)
+    got, got_grads = run_path(case, fused=True, train_head=True, dtype=dtype, chunk_size=9)
+    assert got.chosen_logps.dtype == torch.float32
+    assert got_grads["hidden"].dtype == got_grads["weight"].dtype == dtype
+
+    rounded = Case(pairs=4, hidden_size=32, vocab=64, nll_on_prompt=True, seed=11)
+    rounded.hidden, rounded.weight, rounded.bias = (t.to(dtype).float() for t in (case.hidden, case.weight, case.bias))
+    want_rounded, want_rounded_grads = run_path(rounded, fused=False, train_head=True)
+    assert_policy_close(got, want_rounded, rtol=1e-5, atol=1e-5)
+    for name in ("hidden", "weight", "bias"):  # only the final cast of the gradient to `dtype` differs
+        torch.testing.assert_close(got_grads[name].float(), want_rounded_grads[name], rtol=1e-2, atol=1e-3)
+
+    want_fp32, _ = run_path(case, fused=False, train_head=True)
+    assert_policy_close(got, want_fp32, rtol=0.0, atol=5e-2)
+
+
+def test_matmul_dtype_rounds_operands_not_logits() -> None:
+    """matmul_dtype=bf16: the logits are the float32 products of bf16-rounded operands."""
+    case = Case(pairs=4, hidden_size=32, vocab=64, nll_on_prompt=False, seed=13, bias=False)
+    got, got_grads = run_path(case, fused=True, train_head=True, matmul_dtype=torch.bfloat16, chunk_size=8)
+    rounded = Case(pairs=4, hidden_size=32, vocab=64, nll_on_prompt=False, seed=13, bias=False)
+    rounded.hidden, rounded.weight = (t.bfloat16().float() for t in (case.hidden, case.weight))
+    want, want_grads = run_path(rounded, fused=False, train_head=True)
+    assert_policy_close(got, want, rtol=1e-5, atol=1e-5)
+    assert got_grads["hidden"].dtype == torch.float32  # the inputs' dtype
+    for name in ("hidden", "weight"):  # the gradient of the logits is rounded to bf16 too
+        torch.testing.assert_close(got_grads[name], want_grads[name], rtol=2e-2, atol=2e-3)
+
+
+def test_autocast_does_not_lower_the_logits_precision() -> None:
+    case = Case(pairs=3, hidden_size=16, vocab=40, nll_on_prompt=False, seed=17)
+    want, _ = run_path(case, fused=False, train_head=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, _ = run_path(case, fused=True, train_head=True, chunk_size=6)
+    assert_policy_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_gradcheck_float64() -> None:
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(7, 3, dtype=torch.float64, generator=gen, requires_grad=True)
+    weight = torch.randn(5, 3, dtype=torch.float64, generator=gen, requires_grad=True)
+    bias = torch.randn(5, dtype=torch.float64, generator=gen, requires_grad=True)
+    targets = torch.tensor([0, 4, 2, 2, 1, 3, 0])
+
+    def fn(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return chunked_token_logps(h, w, targets, b, chunk_size=3)
+
+    assert fn(hidden, weight, bias).dtype == torch.float64
+    assert torch.autograd.gradcheck(fn, (hidden, weight, bias))
+
+
+def test_gradcheck_policy_logps_from_hidden_float64() -> None:
+    case = Case(pairs=2, hidden_size=3, vocab=7, nll_on_prompt=True, seed=19)
+    hidden = case.hidden.double().requires_grad_(True)
+    weight = case.weight.double().requires_grad_(True)
+
+    def fn(h: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(policy_logps_from_hidden(h, w, case.labels, case.nll_labels, chunk_size=4))
+
+    assert torch.autograd.gradcheck(fn, (hidden, weight))
+
+
+# ---- 3. memory -----------------------------------------------------------------------------------
+
+
+def test_no_positions_by_vocab_tensor_is_ever_allocated() -> None:
+    """Every aten op's output during forward + backward is recorded; none reaches N x V elements
+    (N = scored positions). The unfused path, recorded the same way, does: the check can fail."""
+    case = Case(pairs=16, hidden_size=8, vocab=2000, nll_on_prompt=True, seed=23)
+    scored = int((case.labels[:, 1:] != -100).sum() + (case.nll_labels[:, 1:] != -100).sum())
+    chunk = 16
+
+    def record(fused: bool) -> OpSizes:
+        with OpSizes() as sizes:
+            run_path(case, fused=fused, train_head=True, chunk_size=chunk)
+        return sizes
+
+    fused = record(fused=True)
+    assert fused.largest() < scored * 2000 / 4, f"largest op output {fused.largest()} for N={scored}, V=2000"
+    assert fused.largest() <= max(chunk * 2000, case.hidden.numel(), 2000 * 8)
+    assert record(fused=False).largest() >= scored * 2000
+
+
+def test_default_chunk_size_follows_a_byte_budget() -> None:
+    assert default_chunk_size(32_000) == 256 * 2**20 // (4 * 32_000) == 2097
+    assert default_chunk_size(128_256) == 523
+    assert default_chunk_size(10**12) == 1
+
+
+# ---- 4. on a real model: how the loop gets hidden states and the head ----------------------------
+
+
+def final_hidden(model: torch.nn.Module, **inputs: torch.Tensor) -> torch.Tensor:
+    """The loop's recipe: the decoder's normed last hidden state, with no logits formed at all.
+
+    Goes through the model's own forward (so PEFT, DDP and accelerate's autocast wrapper still apply).
+    """
+    out = model(**inputs, use_cache=False, output_hidden_states=True, logits_to_keep=torch.empty(0, dtype=torch.long))
+    assert out.logits.shape[1] == 0
+    return out.hidden_states[-1]
+
+
+def tiny_model(lora: dict[str, Any] | None = None) -> torch.nn.Module:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(TINY), attn_implementation="sdpa")
+    if lora is None:
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(model, LoraConfig(r=4, lora_alpha=8, task_type="CAUSAL_LM", **lora))
+
+
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_recipe_on_tiny_llama_and_peft(mode: str) -> None:
+    model = tiny_model(None if mode == "full" else {"target_modules": ["q_proj", "v_proj"]})
+    if mode == "lora":  # LoRA's B starts at zero; make the adapters matter
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.05)
+    batch = PairCollator(PAD, nll_on_prompt=True)(random_pairs(4, 324, seed=29))
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+
+    def run(fused: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        model.zero_grad(set_to_none=True)
+        if fused:
+            weight, bias = output_projection(model)
+            policy = policy_logps_from_hidden(
+                final_hidden(model, **inputs), weight, batch["labels"], batch["nll_labels"], bias, chunk_size=8
+            )
+        else:
+            logits = model(**inputs, use_cache=False).logits
+            policy = policy_logps(logits, batch["labels"], batch["nll_labels"])
+        loss = loss_of(policy, int(batch["num_nll_tokens"]))
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in trainable]
+
+    want_loss, want_grads = run(fused=False)
+    got_loss, got_grads = run(fused=True)
+    torch.testing.assert_close(got_loss, want_loss, rtol=1e-5, atol=1e-6)
+    for g, w in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+    weight, _ = output_projection(model)
+    assert weight.requires_grad == (mode == "full")  # LoRA: the frozen head gets no gradient
+
+
+@pytest.mark.parametrize(
+    ("make", "problem"),
+    [
+        (lambda: tiny_model({"target_modules": ["q_proj", "lm_head"]}), "LoRA on lm_head"),
+        (lambda: tiny_model({"target_modules": ["q_proj"], "modules_to_save": ["lm_head"]}), "modules_to_save"),
+    ],
+)
+def test_output_projection_refuses_heads_it_cannot_reproduce(make: Callable[[], torch.nn.Module], problem: str) -> None:
+    with pytest.raises(ValueError, match="plain nn.Linear"):
+        output_projection(make())
+
+
+def test_output_projection_refuses_softcapped_logits() -> None:
+    model = tiny_model()
+    model.config.final_logit_softcapping = 30.0
+    with pytest.raises(ValueError, match="final_logit_softcapping=30.0"):
+        output_projection(model)
+
+
+def test_output_projection_unwraps_ddp_style_module_attribute() -> None:
+    model = tiny_model()
+    wrapper = torch.nn.Module()
+    wrapper.module = model
+    weight, bias = output_projection(wrapper)
+    assert weight is model.lm_head.weight and bias is None
+
+
+def test_output_projection_refuses_a_zero3_partitioned_head() -> None:
+    model = tiny_model()
+    model.lm_head.weight.ds_id = 0  # what DeepSpeed ZeRO-3 marks its partitioned parameters with
+    with pytest.raises(ValueError, match="ZeRO-3"):
+        output_projection(model)
