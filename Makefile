@@ -47,8 +47,11 @@ train-multigpu: venv
 install-gpu: venv
 	$(PY) -m pip install flash-attn --no-build-isolation
 
+# Serves the most recently written run under runs/ (RUN=runs/<name> picks one).
+RUN ?= $(patsubst %/,%,$(shell ls -td runs/*/ 2>/dev/null | head -n 1))
 tensorboard: venv
-	$(VENV)/bin/tensorboard --logdir runs
+	@if [ -z "$(RUN)" ]; then echo "No run under runs/ yet: make demo first." >&2; exit 2; fi
+	$(VENV)/bin/tensorboard --logdir $(RUN)/tensorboard
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache

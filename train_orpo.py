@@ -26,22 +26,26 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 from accelerate import Accelerator, PartialState
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
+from transformers.integrations import is_deepspeed_zero3_enabled
 
-from orpo.collator import PairCollator
+from orpo.chat import generate_from_ids
+from orpo.collator import PackedPairCollator, PairCollator
 from orpo.config import BatchPlan, ConfigError, TrainConfig, load_config, plan_batches, to_dict
 from orpo.data import DataError, PreferenceSplit, describe_skipped, load_split, nll_token_count
-from orpo.loss import orpo_loss, policy_logps
+from orpo.logprobs import output_projection, packed_policy_logps, policy_logps_from_hidden
+from orpo.loss import ORPOLoss, PolicyLogps, orpo_loss, policy_logps
 from orpo.metrics import FlopsModel, MetricSums, device_peak_tflops, mean_of, peak_memory_gb
 from orpo.model import ModelInfo, load_model, load_tokenizer, resolve_mixed_precision, save_trained
 from orpo.optim import build_optimizer, build_scheduler
-from orpo.sampling import global_batches
+from orpo.report import write_learning_curves
+from orpo.sampling import global_batches, pair_lengths
 
 
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
@@ -54,7 +58,15 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
 
 def load_data(cfg: TrainConfig, tokenizer: Any, split: str) -> PreferenceSplit:
     return load_split(
-        cfg.dataset, split, tokenizer, cfg.max_length, cfg.max_prompt_length, cfg.data_num_proc, cfg.data_cache_dir
+        cfg.dataset,
+        split,
+        tokenizer,
+        cfg.max_length,
+        cfg.max_prompt_length,
+        cfg.data_num_proc,
+        cfg.data_cache_dir,
+        cfg.data_format,
+        cfg.column_map,
     )
 
 
@@ -106,6 +118,14 @@ def init_processes() -> tuple[PartialState, bool]:
     return PartialState(cpu=True, backend="gloo"), True
 
 
+def deepspeed_offloads_optimizer(accelerator: Accelerator) -> bool:
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is None:
+        return False
+    offload = plugin.deepspeed_config.get("zero_optimization", {}).get("offload_optimizer", {})
+    return offload.get("device", "none") in ("cpu", "nvme")
+
+
 def configure_deepspeed(accelerator: Accelerator, cfg: TrainConfig, plan: BatchPlan) -> None:
     """Fill DeepSpeed's batch, accumulation and clipping from the recipe, so they mean what it says.
 
@@ -137,10 +157,55 @@ def configure_deepspeed(accelerator: Accelerator, cfg: TrainConfig, plan: BatchP
             )
 
 
+def is_finished_run(out: Path) -> bool:
+    """A run_summary.json is also written at checkpoints; only the final one says finished."""
+    try:
+        return bool(json.loads((out / "run_summary.json").read_text()).get("finished", True))
+    except (OSError, ValueError):
+        return False
+
+
+def sample_prompts(cfg: TrainConfig, data: PreferenceSplit) -> list[list[int]]:
+    """A fixed, seeded set of prompts (as tokenised for training) to answer at every evaluation."""
+    chosen = np.random.default_rng(cfg.seed + 1).permutation(len(data))[: cfg.num_sample_prompts]
+    return [data[int(i)]["chosen_ids"][: data[int(i)]["chosen_prompt_len"]].tolist() for i in sorted(chosen)]
+
+
+def log_samples(
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    tokenizer: Any,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    step: int,
+) -> None:
+    """Greedy answers to the sample prompts, as TensorBoard text. Under ZeRO-3 every rank generates
+    (each forward gathers parameters collectively); otherwise rank 0 alone."""
+    zero3 = is_deepspeed_zero3_enabled()
+    if not prompts or not (accelerator.is_main_process or zero3):
+        return
+    answers = generate_from_ids(accelerator.unwrap_model(model), tokenizer, prompts, max_new_tokens, synced_gpus=zero3)
+    if accelerator.is_main_process:
+        writer = accelerator.get_tracker("tensorboard", unwrap=True)
+        for i, (prompt, answer) in enumerate(zip(prompts, answers, strict=True)):
+            text = f"**prompt**\n\n```\n{tokenizer.decode(prompt)}\n```\n\n**answer**\n\n```\n{answer}\n```"
+            writer.add_text(f"samples/{i}", text, step)
+        writer.flush()
+
+
+def write_report(out: Path, summary: dict[str, Any]) -> None:
+    """run_summary.json and learning_curves.png (rank 0), at checkpoints and at the end."""
+    (out / "run_summary.json").write_text(json.dumps(summary, indent=2))
+    try:
+        write_learning_curves(out / "tensorboard", out / "learning_curves.png")
+    except ValueError:  # nothing logged yet
+        pass
+
+
 def check_output_dir(cfg: TrainConfig) -> Path:
     """Refuse to clobber a finished run, and fail now (not after hours) if we cannot write."""
     out = Path(cfg.output_dir)
-    if (out / "run_summary.json").exists() and not cfg.overwrite:
+    if is_finished_run(out) and not cfg.overwrite:
         raise ConfigError(
             f"{out} already holds a finished run (run_summary.json). Pick another output_dir or pass overwrite=true."
         )
@@ -161,6 +226,47 @@ def check_output_dir(cfg: TrainConfig) -> Path:
 # ---- one forward ---------------------------------------------------------------------------------
 
 
+class LMHead(NamedTuple):
+    """The LM head as the chunked log-prob path reads it (orpo/logprobs.py)."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    matmul_dtype: torch.dtype | None
+
+
+def policy_forward(model: torch.nn.Module, batch: dict[str, torch.Tensor], head: LMHead | None) -> PolicyLogps:
+    """Response log-probs and SFT NLL of a padded (PairCollator) or packed (PackedPairCollator) batch.
+
+    A packed row goes in with position_ids and no attention mask, so that transformers builds the
+    block-diagonal causal mask (flash-attention: varlen) from the position restarts. With `head`, the
+    model returns no logits (logits_to_keep is empty) and log-probs come chunk by chunk from the
+    last hidden states at the scored positions only.
+    """
+    packed = "seq_lens" in batch
+    inputs = {"input_ids": batch["input_ids"], "use_cache": False}
+    if packed:
+        inputs["position_ids"] = batch["position_ids"]
+    else:
+        inputs["attention_mask"] = batch["attention_mask"]
+    seq_lens = batch["seq_lens"] if packed else None
+    if head is None:
+        logits = model(**inputs).logits
+        if packed:
+            return packed_policy_logps(logits, batch["labels"], batch["nll_labels"], seq_lens)
+        return policy_logps(logits, batch["labels"], batch["nll_labels"])
+    no_logits = torch.empty(0, dtype=torch.long, device=batch["input_ids"].device)
+    hidden = model(**inputs, output_hidden_states=True, logits_to_keep=no_logits).hidden_states[-1]
+    return policy_logps_from_hidden(
+        hidden,
+        head.weight,
+        batch["labels"],
+        batch["nll_labels"],
+        head.bias,
+        seq_lens=seq_lens,
+        matmul_dtype=head.matmul_dtype,
+    )
+
+
 def forward_orpo(
     model: torch.nn.Module,
     batch: dict[str, torch.Tensor],
@@ -168,10 +274,10 @@ def forward_orpo(
     num_nll_tokens: int,
     num_pairs: int,
     sums: MetricSums,
-):
+    head: LMHead | None = None,
+) -> ORPOLoss:
     """Forward a collated micro-batch; returns its share of the step's loss and adds its metrics."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-    policy = policy_logps(logits, batch["labels"], batch["nll_labels"])
+    policy = policy_forward(model, batch, head)
     out = orpo_loss(policy.chosen_logps, policy.rejected_logps, policy.nll_sum, num_nll_tokens, num_pairs, orpo_lambda)
     sums.add(
         policy.chosen_logps,
@@ -182,6 +288,18 @@ def forward_orpo(
         batch["num_tokens"],
     )
     return out
+
+
+def resolve_head(cfg: TrainConfig, model: torch.nn.Module, mixed_precision: str) -> tuple[LMHead | None, str]:
+    """The chunked head when asked for and possible, else None (full logits), and why."""
+    if not cfg.chunked_head:
+        return None, "full logits (chunked_head=false)"
+    try:
+        weight, bias = output_projection(model)
+    except ValueError as err:
+        return None, f"full logits: {err}"
+    matmul_dtype = torch.bfloat16 if mixed_precision == "bf16" else None
+    return LMHead(weight, bias, matmul_dtype), "chunked log-prob head (no [tokens, vocab] logits)"
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -197,6 +315,7 @@ def evaluate(
     collator: PairCollator,
     batch_size: int,
     orpo_lambda: float,
+    head: LMHead | None = None,
 ) -> dict[str, float]:
     """Metrics over the whole eval subset, each rank taking every num_processes-th pair.
 
@@ -211,7 +330,7 @@ def evaluate(
         chunk = mine[start : start + batch_size]
         target = sums if len(chunk) else MetricSums(accelerator.device)
         batch = to_device(collator([data[i] for i in (chunk if len(chunk) else indices[:1])]), accelerator.device)
-        forward_orpo(model, batch, orpo_lambda, 1, 1, target)
+        forward_orpo(model, batch, orpo_lambda, 1, 1, target, head)
     model.train()
     metrics = sums.reduce(accelerator, orpo_lambda)
     for key in ("pairs", "tokens"):
@@ -256,23 +375,29 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
     say(f"train data   {describe_skipped(train_data)}")
     if eval_data is not None:
         say(f"eval data    {describe_skipped(eval_data)}")
-    batches = global_batches(len(train_data), plan.global_batch, cfg.seed)
+    lengths = pair_lengths(train_data) if cfg.group_by_length else None
+    batches = global_batches(len(train_data), plan.global_batch, cfg.seed, lengths, accelerator.num_processes)
     eval_indices = None
     if eval_data is not None:
         order = np.random.default_rng(cfg.seed).permutation(len(eval_data))
         eval_indices = np.sort(order[: cfg.eval_max_samples])
-    collator = PairCollator(tokenizer.pad_token_id, cfg.nll_on_prompt)
+    eval_collator = PairCollator(tokenizer.pad_token_id, cfg.nll_on_prompt)
 
     # ---- model, optimizer, schedule
     model, info = load_model(cfg, accelerator.device)
-    optimizer = build_optimizer(cfg, model)
+    optimizer = build_optimizer(cfg, model, offload=deepspeed_offloads_optimizer(accelerator))
     scheduler = build_scheduler(cfg, optimizer, plan.warmup_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
+    head, head_note = resolve_head(cfg, model, accelerator.mixed_precision)
+    packing = cfg.padding_free is True or (cfg.padding_free == "auto" and info.attention == "flash_attention_2")
+    collator = PackedPairCollator(cfg.nll_on_prompt) if packing else eval_collator
     accelerator.register_for_checkpointing(scheduler)
     flops = FlopsModel(info.total_params, full=cfg.mode == "full")
     peak_tflops = device_peak_tflops(accelerator.device)
 
     say("\n".join(plan_lines(cfg, plan, info, accelerator.mixed_precision, train_data, eval_indices)))
+    layout = "padding-free (packed rows)" if packing else "padded to each micro-batch's longest"
+    say(f"forward      {layout}{', grouped by length' if cfg.group_by_length else ''}; {head_note}")
     plan_record = {
         **dataclasses.asdict(plan),
         "processes": accelerator.num_processes,
@@ -287,14 +412,32 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
     }
     accelerator.init_trackers("tensorboard", config=flat_hparams(cfg))
 
+    prompts = sample_prompts(cfg, eval_data if eval_data is not None else train_data)
+
     def run_eval(step: int) -> dict[str, float]:
-        metrics = evaluate(model, accelerator, eval_data, eval_indices, collator, cfg.eval_batch_size, cfg.orpo_lambda)
+        metrics = evaluate(
+            model, accelerator, eval_data, eval_indices, eval_collator, cfg.eval_batch_size, cfg.orpo_lambda, head
+        )
         accelerator.log(prefixed("eval", metrics), step=step)
+        log_samples(accelerator, model, tokenizer, prompts, cfg.sample_max_new_tokens, step)
         say(
             f"eval @ {step}: loss {metrics['loss']:.4f}, rewards/accuracies {metrics['rewards/accuracies']:.3f}, "
             f"margins {metrics['rewards/margins']:.4f}"
         )
         return metrics
+
+    def summarize(step: int, finished: bool) -> dict[str, Any]:
+        return {
+            "finished": finished,
+            "step": step,
+            "config": to_dict(cfg),
+            "plan": plan_record,
+            "final_metrics": final,
+            "skipped_rows": {"train": train_data.skipped, "eval": eval_data.skipped if eval_data is not None else {}},
+            "skipped_steps": skipped_steps,
+            "wall_seconds": time.time() - started,
+            "tokens_per_s": train_tokens / train_seconds if train_seconds else 0.0,
+        }
 
     # ---- training
     final: dict[str, float] = {}
@@ -326,7 +469,7 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
                 collator([train_data[i] for i in mine[start : start + plan.micro_batch]]), accelerator.device
             )
             with accelerator.accumulate(model):  # autocast comes with accelerator.prepare(model)
-                share = forward_orpo(model, batch, cfg.orpo_lambda, num_nll_tokens, plan.global_batch, sums)
+                share = forward_orpo(model, batch, cfg.orpo_lambda, num_nll_tokens, plan.global_batch, sums, head)
                 accelerator.backward(share.loss * scale)
         assert accelerator.sync_gradients, "the last micro-batch of a step must synchronise gradients"
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or math.inf)
@@ -373,23 +516,17 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
             final.update(prefixed("eval", run_eval(step)))
         if cfg.save_steps and step % cfg.save_steps == 0 and step < cfg.max_steps:
             accelerator.save_state(str(out / "checkpoints" / f"step_{step}"))
+            if accelerator.is_main_process:
+                write_report(out, summarize(step, finished=False))
     progress.close()
 
     # ---- the result
     accelerator.wait_for_everyone()
     state_dict = accelerator.get_state_dict(model)
-    summary = {
-        "config": to_dict(cfg),
-        "plan": plan_record,
-        "final_metrics": final,
-        "skipped_rows": {"train": train_data.skipped, "eval": eval_data.skipped if eval_data is not None else {}},
-        "skipped_steps": skipped_steps,
-        "wall_seconds": time.time() - started,
-        "tokens_per_s": train_tokens / train_seconds if train_seconds else 0.0,
-    }
+    summary = summarize(cfg.max_steps, finished=True)
     if accelerator.is_main_process:
         save_trained(accelerator.unwrap_model(model), tokenizer, out, state_dict)
-        (out / "run_summary.json").write_text(json.dumps(summary, indent=2))
+        write_report(out, summary)
         say(
             f"saved {'adapter' if cfg.mode != 'full' else 'model'} and run_summary.json to {out} "
             f"({summary['wall_seconds']:.0f} s, {summary['tokens_per_s']:,.0f} tokens/s)"
@@ -400,6 +537,11 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
             say(f"held-out eval/rewards/accuracies: {start}{end:.3f} after {cfg.max_steps} steps")
         say(f"TensorBoard: tensorboard --logdir {out / 'tensorboard'}")
     accelerator.end_training()
+    # Leave together: a rank that exits while another is still saving can be torn down mid-collective
+    # (seen as a SIGABRT of rank 1 under load with ZeRO-3).
+    accelerator.wait_for_everyone()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
     return summary
 
 

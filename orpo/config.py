@@ -18,6 +18,8 @@ from typing import Any
 
 import yaml
 
+from orpo.data import DATA_FORMATS
+
 MODES = ("full", "lora", "qlora")
 SCHEDULERS = ("linear", "cosine", "constant")
 OPTIMIZERS = ("adamw_torch", "paged_adamw_8bit", "adamw_8bit", "paged_adamw_32bit")
@@ -61,6 +63,17 @@ class TrainConfig:
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     )
     """Module names that get LoRA adapters."""
+    padding_free: str | bool = "auto"
+    """Pack each micro-batch's sequences into one row with restarting position ids, so no pad token
+    is computed. `auto`: on with flash_attention_2 (varlen attention), off otherwise (SDPA then builds
+    a [L, L] mask over the packed row and does more work than padding does)."""
+    chunked_head: bool = True
+    """Compute response log-probs chunk by chunk from the last hidden states and the LM head, only
+    at the positions the loss scores, never building [tokens, vocab] logits. Falls back to full
+    logits (with a note) where the head is not a plain linear layer or is sharded by ZeRO-3."""
+    group_by_length: bool = True
+    """Order the pairs of each global batch by length so micro-batches hold similar lengths (less
+    padding). The step's pairs, and so its gradient, are the same as without it."""
     chat_template: str | None = None
     """Jinja chat template to use; None keeps the tokenizer's, and a tokenizer without one gets
     the Zephyr template (`<|user|>` / `<|assistant|>` turns ended by EOS), as the recipe used."""
@@ -76,6 +89,14 @@ class TrainConfig:
     """Budget of prompt + longest response, in tokens."""
     max_prompt_length: int = 512
     """Prompts longer than this keep their last `max_prompt_length` tokens (BOS kept)."""
+    data_format: str = "auto"
+    """Format of the rows: `auto` detects it per row; `conversational` (chosen/rejected message
+    lists, as UltraFeedback-binarized or Capybara), `plain` (prompt or question, chosen, rejected
+    strings, optional system, as orca_dpo_pairs) or `hh` (Anthropic HH transcripts) forces one; rows
+    in another shape are skipped as format_mismatch."""
+    column_map: dict[str, str] | None = None
+    """Renames the data's columns to the names the trainer reads (prompt, chosen, rejected, system),
+    e.g. {response_j: chosen, response_k: rejected}; applied before the format is detected."""
     data_num_proc: int = 0
     """Processes that tokenise; 0 picks one per core for large data sets, 1 for small ones."""
     data_cache_dir: str | None = None
@@ -127,6 +148,11 @@ class TrainConfig:
     """Also evaluate before the first step, to see where training starts from."""
     per_device_eval_batch_size: int = 0
     """Pairs per eval micro-batch; 0 means per_device_batch_size."""
+    num_sample_prompts: int = 4
+    """Eval prompts (a fixed, seeded set) answered greedily at every evaluation with the current
+    weights and logged to TensorBoard as text (`samples/<i>`); 0 disables."""
+    sample_max_new_tokens: int = 128
+    """Bound on the length of each sample answer."""
     logging_steps: int = 10
     """Log training metrics averaged over this many optimizer steps."""
     save_steps: int = 500
@@ -143,10 +169,13 @@ class TrainConfig:
             ("attn_implementation", ATTN_IMPLEMENTATIONS),
             ("dtype", DTYPES),
             ("mixed_precision", MIXED_PRECISIONS),
+            ("data_format", DATA_FORMATS),
         ):
             value = getattr(self, name)
             if value not in choices:
                 raise ConfigError(f"{name}={value!r} is not one of {', '.join(choices)}.")
+        if self.padding_free not in ("auto", True, False):
+            raise ConfigError(f"padding_free must be auto, true or false, got {self.padding_free!r}.")
         positive = (
             "max_steps",
             "global_batch_size",
@@ -160,7 +189,14 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}.")
-        for name in ("eval_steps", "save_steps", "data_num_proc", "per_device_eval_batch_size"):
+        for name in (
+            "eval_steps",
+            "save_steps",
+            "data_num_proc",
+            "per_device_eval_batch_size",
+            "num_sample_prompts",
+            "sample_max_new_tokens",
+        ):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}.")
         if self.max_prompt_length >= self.max_length:
@@ -268,6 +304,8 @@ def _check(key: str, value: Any, where: str) -> Any:
         if origin is int and isinstance(value, int) and not isinstance(value, bool):
             return value
         if origin is list and isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return value
+        if origin is dict and isinstance(value, dict) and all(isinstance(v, str) for v in (*value, *value.values())):
             return value
         if origin in (str, bool) and type(value) is origin:
             return value

@@ -1,10 +1,12 @@
 """Preference data: read rows, normalise their format, render the chat template, tokenise per spec.
 
-Formats accepted (detected per row):
-  * conversational, as HuggingFaceH4/ultrafeedback_binarized: `chosen` and `rejected` are message
-    lists ending in the assistant's answer; the messages before it are the prompt (they must be the
-    same on both sides). A `prompt` string is used when the lists hold only the answer.
-  * plain strings: `prompt`, `chosen`, `rejected` (and an optional `system`).
+Formats accepted (detected per row, or forced with `data_format`; see FORMATS_ACCEPTED):
+  * conversational, as HuggingFaceH4/ultrafeedback_binarized or Capybara: `chosen` and `rejected`
+    are message lists ending in the assistant's answer; the messages before it are the prompt (they
+    must be the same on both sides). A `prompt` string or message list is used when the lists hold
+    only the answer.
+  * plain strings: `prompt` (or `question`), `chosen`, `rejected` (and an optional `system`).
+  * hh: Anthropic HH transcripts, split into the prompt turns and the final answers.
 
 Tokenisation (../shared/ORPO_SPEC.md): the prompt is rendered with `add_generation_prompt=True`,
 each response as the full chat minus that prompt, so prompt + response tokens are exactly the full
@@ -18,10 +20,12 @@ mid-answer. Rows that cannot be used are skipped and counted by reason.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import multiprocessing as mp
 import os
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,10 +34,14 @@ from typing import Any
 import numpy as np
 
 FORMATS_ACCEPTED = (
-    "conversational: `chosen`/`rejected` message lists [{role, content}, ...] ending with the "
-    "assistant's answer (optionally with a `prompt` string), as HuggingFaceH4/ultrafeedback_binarized; "
-    "plain: `prompt`, `chosen`, `rejected` strings (optional `system`)"
+    "conversational: `chosen`/`rejected` message lists [{role, content}, ...] ending with the assistant's answer, "
+    "the messages before it being the prompt (as argilla/distilabel-capybara-dpo-7k-binarized), or holding only "
+    "the answer with a `prompt` string or message list (as HuggingFaceH4/ultrafeedback_binarized); "
+    "plain: `prompt` (or `question`), `chosen`, `rejected` strings, optional `system` (as Intel/orca_dpo_pairs); "
+    "hh: `chosen`/`rejected` transcripts of '\\n\\nHuman: ...' and '\\n\\nAssistant: ...' turns (as Anthropic/hh-rlhf)"
 )
+DATA_FORMATS = ("auto", "conversational", "plain", "hh")
+CANONICAL_COLUMNS = ("prompt", "chosen", "rejected", "system")  # what `column_map` may rename columns to
 ROLES = ("system", "user", "assistant")
 LOCAL_EXTENSIONS = (".jsonl", ".json", ".parquet")
 _CACHE_VERSION = 1  # bump when tokenisation changes, to invalidate caches
@@ -138,15 +146,68 @@ def _file_fingerprint(path: Path) -> str:
     return f"file:{path.resolve()}:{digest.hexdigest()}"
 
 
-def check_columns(rows: list[dict[str, Any]], where: str) -> None:
-    """Refuse a data set whose columns fit no accepted format (checked before any model is loaded)."""
+def check_columns(
+    rows: list[dict[str, Any]], where: str, data_format: str = "auto", column_map: dict[str, str] | None = None
+) -> None:
+    """Refuse a data set whose columns fit no accepted format (checked before any model is loaded).
+
+    The columns are those of the first 1,000 rows, renamed by `column_map`; at least one of those rows
+    must have the shape of `data_format` (with `auto`, of any format). Rows that are merely bad are
+    counted and skipped later; this refuses a file that is in another shape altogether."""
+    if data_format not in DATA_FORMATS:
+        raise DataError(f"data_format={data_format!r} is not one of {', '.join(DATA_FORMATS)}.")
+    _check_column_map(column_map)
     if not rows:
         raise DataError(f"{where} has no rows: expected preference rows ({FORMATS_ACCEPTED}).")
-    columns = set().union(*(r.keys() for r in rows[:1000]))
-    if not {"chosen", "rejected"} <= columns:
+    head = rows[:1000]
+    found = set().union(*(r.keys() for r in head))
+    absent = sorted(set(column_map or {}) - found)
+    if absent:
         raise DataError(
-            f"{where} has columns {sorted(columns)}, which fit no accepted format. Accepted: {FORMATS_ACCEPTED}."
+            f"column_map renames {absent}, which {where} does not have: its columns are {sorted(found)}. "
+            "column_map maps a column of the data to one of " + ", ".join(CANONICAL_COLUMNS) + "."
         )
+    if not any(_row_fits(_rename(r, column_map), data_format) for r in head):
+        shown = "" if data_format == "auto" else f" with data_format={data_format}"
+        raise DataError(
+            f"{where} has columns {sorted(found)}, which fit no accepted format{shown} "
+            f"(first row: {_describe_shape(_rename(head[0], column_map))}). Accepted: {FORMATS_ACCEPTED}. "
+            'Rename columns with column_map (e.g. {"response_j": "chosen", "response_k": "rejected"}) '
+            "or pick the format with data_format (" + ", ".join(DATA_FORMATS) + ")."
+        )
+
+
+def _check_column_map(column_map: dict[str, str] | None) -> None:
+    if column_map is None:
+        return
+    if not isinstance(column_map, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in column_map.items()
+    ):
+        raise DataError(f"column_map must map column names to column names, got {column_map!r}.")
+    wrong = {k: v for k, v in column_map.items() if v not in CANONICAL_COLUMNS}
+    if wrong:
+        raise DataError(
+            f"column_map renames columns to {sorted(wrong.values())}; each must be one of "
+            f"{', '.join(CANONICAL_COLUMNS)} (column_map maps the data's column to the name the trainer reads)."
+        )
+    targets = list(column_map.values())
+    twice = sorted({t for t in targets if targets.count(t) > 1})
+    if twice:
+        raise DataError(f"column_map maps several columns to {twice}: {column_map!r}.")
+
+
+def _rename(row: dict[str, Any], column_map: dict[str, str] | None) -> dict[str, Any]:
+    """The row with `column_map`'s columns renamed; a renamed column replaces one already so named."""
+    if not column_map:
+        return row
+    out = {k: v for k, v in row.items() if k not in column_map}
+    out.update({dst: row[src] for src, dst in column_map.items() if src in row})
+    return out
+
+
+def _describe_shape(row: dict[str, Any]) -> str:
+    shown = {k: type(row[k]).__name__ for k in ("prompt", "question", "chosen", "rejected") if k in row}
+    return ", ".join(f"{k} is {t}" for k, t in shown.items()) or "no prompt, question, chosen or rejected"
 
 
 # ---- normalising a row ---------------------------------------------------------------------------
@@ -172,40 +233,153 @@ def _messages_problem(messages: Any) -> str | None:
     return None
 
 
-def normalise_row(row: dict[str, Any]) -> Pair | str:
-    """A `Pair`, or the reason the row is skipped."""
+# A turn of an Anthropic HH transcript: "\n\nHuman: ..." / "\n\nAssistant: ..." (the first may lack "\n\n").
+_HH_TURN = re.compile(r"(?:\A\s*|\n\n)(Human|Assistant):[ \t]?")
+_HH_ROLES = {"Human": "user", "Assistant": "assistant"}
+
+
+def _prompt_field(row: dict[str, Any]) -> Any:
+    """The prompt column; `question` (Intel/orca_dpo_pairs) stands in when there is no `prompt`."""
+    prompt = row.get("prompt")
+    return row.get("question") if prompt is None else prompt
+
+
+def _is_hh_transcript(text: Any) -> bool:
+    return isinstance(text, str) and _HH_TURN.match(text) is not None and "\n\nAssistant:" in text
+
+
+def _detect_format(row: dict[str, Any]) -> str | None:
+    """The format a (renamed) row is in, or None if it fits none: message lists are conversational,
+    a `chosen` string that is an HH transcript is hh (a `prompt` beside it is then ignored: the
+    transcripts hold it), other rows with a prompt are plain."""
     chosen, rejected = row.get("chosen"), row.get("rejected")
-    if chosen is None or rejected is None:
-        return "missing_field"
     if isinstance(chosen, list) or isinstance(rejected, list):
-        problem = _messages_problem(chosen) or _messages_problem(rejected)
+        return "conversational"
+    if _is_hh_transcript(chosen):
+        return "hh"
+    if _prompt_field(row) is not None and ("chosen" in row or "rejected" in row):
+        return "plain"
+    return None
+
+
+def _row_fits(row: dict[str, Any], data_format: str) -> bool:
+    """Whether a (renamed) row has the shape of `data_format`, good or bad content aside."""
+    if data_format == "auto":
+        return _detect_format(row) is not None
+    chosen = row.get("chosen")
+    if data_format == "conversational":
+        return isinstance(chosen, list)
+    if data_format == "hh":
+        return _is_hh_transcript(chosen)
+    return isinstance(chosen, str) and _prompt_field(row) is not None
+
+
+def parse_hh_transcript(text: str) -> list[dict[str, str]] | None:
+    """The messages of an HH transcript, contents stripped of surrounding whitespace; None when the
+    text does not start with a Human or Assistant turn."""
+    parts = _HH_TURN.split(text)
+    if len(parts) < 3 or parts[0].strip():
+        return None
+    return [
+        {"role": _HH_ROLES[role], "content": content.strip()}
+        for role, content in zip(parts[1::2], parts[2::2], strict=True)
+    ]
+
+
+def _split_conversations(chosen: list[dict[str, Any]], rejected: list[dict[str, Any]]) -> Pair | str:
+    """Two conversations that share every message but the final assistant answers: the shared
+    messages are the prompt (empty when the lists hold only the answers)."""
+    if chosen[-1]["role"] != "assistant" or rejected[-1]["role"] != "assistant":
+        return "no_assistant_answer"
+    if chosen[:-1] != rejected[:-1]:
+        return "prompt_mismatch"
+    prompt = [dict(role=m["role"], content=m["content"]) for m in chosen[:-1]]
+    return Pair(prompt, chosen[-1]["content"], rejected[-1]["content"])
+
+
+def _conversational_pair(row: dict[str, Any]) -> Pair | str:
+    chosen, rejected = row["chosen"], row["rejected"]
+    if isinstance(chosen, str) and isinstance(rejected, str):
+        return "format_mismatch"  # data_format=conversational on strings (auto reads them as plain or hh)
+    problem = _messages_problem(chosen) or _messages_problem(rejected)
+    if problem:
+        return problem
+    pair = _split_conversations(chosen, rejected)
+    if isinstance(pair, str) or pair.prompt:
+        return pair
+    given = row.get("prompt")
+    if isinstance(given, list):  # TRL's explicit-prompt conversational format
+        problem = _messages_problem(given)
         if problem:
             return problem
-        if chosen[-1]["role"] != "assistant" or rejected[-1]["role"] != "assistant":
-            return "no_assistant_answer"
-        if chosen[:-1] != rejected[:-1]:
-            return "prompt_mismatch"
-        prompt = [dict(role=m["role"], content=m["content"]) for m in chosen[:-1]]
-        if not prompt:
-            given = row.get("prompt")
-            if isinstance(given, list):  # TRL's explicit-prompt conversational format
-                problem = _messages_problem(given)
-                if problem:
-                    return problem
-                prompt = [dict(role=m["role"], content=m["content"]) for m in given]
-            elif isinstance(given, str):
-                prompt = [{"role": "user", "content": given}]
-            else:
-                return "missing_field" if given is None else "non_string_content"
-        pair = Pair(prompt, chosen[-1]["content"], rejected[-1]["content"])
+        prompt = [dict(role=m["role"], content=m["content"]) for m in given]
+    elif isinstance(given, str):
+        prompt = [{"role": "user", "content": given}]
     else:
-        prompt, system = row.get("prompt"), row.get("system")
-        if prompt is None:
-            return "missing_field"
-        if not all(isinstance(v, str) for v in (prompt, chosen, rejected)) or not isinstance(system, (str, type(None))):
-            return "non_string_content"
-        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-        pair = Pair(messages, chosen, rejected)
+        return "missing_field" if given is None else "non_string_content"
+    return Pair(prompt, pair.chosen, pair.rejected)
+
+
+def _plain_pair(row: dict[str, Any]) -> Pair | str:
+    chosen, rejected, system = row["chosen"], row["rejected"], row.get("system")
+    prompt = _prompt_field(row)
+    if prompt is None:
+        return "missing_field"
+    if isinstance(chosen, list) or isinstance(rejected, list):
+        return "format_mismatch"  # data_format=plain on message lists (auto reads them as conversational)
+    if not all(isinstance(v, str) for v in (chosen, rejected)) or not isinstance(system, (str, type(None))):
+        return "non_string_content"
+    if isinstance(prompt, list):  # a prompt message list with string answers
+        problem = _messages_problem(prompt)
+        if problem:
+            return problem
+        messages = [dict(role=m["role"], content=m["content"]) for m in prompt]
+        if system and not any(m["role"] == "system" for m in messages):
+            messages.insert(0, {"role": "system", "content": system})
+        return Pair(messages, chosen, rejected)
+    if not isinstance(prompt, str):
+        return "non_string_content"
+    messages = _hh_prompt(prompt) or [{"role": "user", "content": prompt}]
+    return Pair(([{"role": "system", "content": system}] if system else []) + messages, chosen, rejected)
+
+
+def _hh_prompt(prompt: str) -> list[dict[str, str]] | None:
+    """The turns of a prompt written as an HH transcript ending in an empty "\n\nAssistant:" turn (as
+    Dahoas/full-hh-rlhf writes it, the answers being the bare responses), else None."""
+    turns = parse_hh_transcript(prompt) if _is_hh_transcript(prompt) else None
+    if not turns or turns[-1] != {"role": "assistant", "content": ""}:
+        return None
+    return turns[:-1]
+
+
+def _hh_pair(row: dict[str, Any]) -> Pair | str:
+    chosen, rejected = row["chosen"], row["rejected"]
+    if not isinstance(chosen, str) or not isinstance(rejected, str):
+        return "format_mismatch" if isinstance(chosen, list) or isinstance(rejected, list) else "non_string_content"
+    chosen_turns, rejected_turns = parse_hh_transcript(chosen), parse_hh_transcript(rejected)
+    if chosen_turns is None or rejected_turns is None:
+        return "format_mismatch"
+    return _split_conversations(chosen_turns, rejected_turns)
+
+
+_PAIR_OF_FORMAT = {"conversational": _conversational_pair, "plain": _plain_pair, "hh": _hh_pair}
+
+
+def normalise_row(
+    row: dict[str, Any], data_format: str = "auto", column_map: dict[str, str] | None = None
+) -> Pair | str:
+    """A `Pair`, or the reason the row is skipped.
+
+    `column_map` renames the row's columns first ({"question": "prompt"}: the data's name to the
+    trainer's). `data_format` is auto (detected per row, see `_detect_format`), conversational,
+    plain or hh; a row not in a forced format is skipped as `format_mismatch`."""
+    row = _rename(row, column_map)
+    if row.get("chosen") is None or row.get("rejected") is None:
+        return "missing_field"
+    fmt = data_format if data_format != "auto" else (_detect_format(row) or "plain")
+    pair = _PAIR_OF_FORMAT[fmt](row)
+    if isinstance(pair, str):
+        return pair
     if not any(m["content"].strip() for m in pair.prompt if m["role"] == "user"):
         return "empty_prompt"
     if not pair.chosen.strip() or not pair.rejected.strip():
@@ -364,20 +538,29 @@ def _init_worker(pair_tokenizer: PairTokenizer) -> None:
     _WORKER_TOKENIZER = pair_tokenizer
 
 
-def _process_row(row: dict[str, Any]) -> Tokenized | str:
-    pair = normalise_row(row)
+def _process_row(
+    row: dict[str, Any], data_format: str = "auto", column_map: dict[str, str] | None = None
+) -> Tokenized | str:
+    pair = normalise_row(row, data_format, column_map)
     return pair if isinstance(pair, str) else _WORKER_TOKENIZER(pair)
 
 
-def tokenize_rows(rows: list[dict[str, Any]], pair_tokenizer: PairTokenizer, num_proc: int = 1) -> PreferenceSplit:
+def tokenize_rows(
+    rows: list[dict[str, Any]],
+    pair_tokenizer: PairTokenizer,
+    num_proc: int = 1,
+    data_format: str = "auto",
+    column_map: dict[str, str] | None = None,
+) -> PreferenceSplit:
     """Normalise and tokenise every row (in `num_proc` processes), counting skipped rows by reason."""
+    process = functools.partial(_process_row, data_format=data_format, column_map=column_map)
     if num_proc > 1:
         os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the Rust pool does not survive fork
         with mp.get_context("fork").Pool(num_proc, initializer=_init_worker, initargs=(pair_tokenizer,)) as pool:
-            results = pool.map(_process_row, rows, chunksize=max(1, len(rows) // (num_proc * 8)))
+            results = pool.map(process, rows, chunksize=max(1, len(rows) // (num_proc * 8)))
     else:
         _init_worker(pair_tokenizer)
-        results = [_process_row(r) for r in rows]
+        results = [process(r) for r in rows]
     skipped: Counter[str] = Counter()
     example: dict[str, int] = {}
     seqs, prompt_lens, kept = [], [], []
@@ -422,13 +605,26 @@ def load_split(
     max_prompt_length: int,
     num_proc: int = 0,
     cache_dir: str | None = None,
+    data_format: str = "auto",
+    column_map: dict[str, str] | None = None,
 ) -> PreferenceSplit:
-    """Read, check, tokenise (or load from cache) one split; a split with no usable row is an error."""
+    """Read, check, tokenise (or load from cache) one split; a split with no usable row is an error.
+    `data_format` and `column_map`: see `normalise_row`."""
     rows, source = read_rows(dataset, split)
     where = f"split {split!r} of {dataset}"
-    check_columns(rows, where)
+    check_columns(rows, where, data_format, column_map)
     key = hashlib.sha256(
-        json.dumps([_CACHE_VERSION, source, tokenizer_fingerprint(tokenizer), max_length, max_prompt_length]).encode()
+        json.dumps(
+            [
+                _CACHE_VERSION,
+                source,
+                tokenizer_fingerprint(tokenizer),
+                max_length,
+                max_prompt_length,
+                data_format,
+                sorted((column_map or {}).items()),
+            ]
+        ).encode()
     ).hexdigest()[:24]
     cache = Path(cache_dir or Path.home() / ".cache" / "orpo") / f"{key}.npz"
     if cache.is_file():
@@ -436,7 +632,9 @@ def load_split(
     else:
         if num_proc <= 0:
             num_proc = 1 if len(rows) < 20_000 else min(os.cpu_count() or 1, 16)
-        data = tokenize_rows(rows, PairTokenizer(tokenizer, max_length, max_prompt_length), num_proc)
+        data = tokenize_rows(
+            rows, PairTokenizer(tokenizer, max_length, max_prompt_length), num_proc, data_format, column_map
+        )
         cache.parent.mkdir(parents=True, exist_ok=True)
         data.save(cache)
     if len(data) == 0:

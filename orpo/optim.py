@@ -6,11 +6,15 @@ import math
 
 import torch
 
-from orpo.config import TrainConfig
+from orpo.config import ConfigError, TrainConfig
 
 
-def build_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
-    """AdamW over the trainable parameters: torch's, or bitsandbytes' 8-bit / paged variants."""
+def build_optimizer(cfg: TrainConfig, model: torch.nn.Module, offload: bool = False) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters: torch's, or bitsandbytes' 8-bit / paged variants.
+
+    With DeepSpeed's optimizer offload (`offload`), the step runs on the CPU: DeepSpeedCPUAdam (AdamW
+    mode), DeepSpeed's vectorised CPU AdamW, which it requires for offload; 8-bit states cannot be offloaded.
+    """
     params = [p for p in model.parameters() if p.requires_grad]
     kwargs = dict(
         lr=cfg.learning_rate,
@@ -18,6 +22,12 @@ def build_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Opt
         eps=cfg.adam_epsilon,
         weight_decay=cfg.weight_decay,
     )
+    if offload:
+        if cfg.optim != "adamw_torch":
+            raise ConfigError(f"optim={cfg.optim} cannot run with DeepSpeed optimizer offload; use optim=adamw_torch.")
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(params, adamw_mode=True, **kwargs)
     if cfg.optim == "adamw_torch":
         return torch.optim.AdamW(params, **kwargs)
     import bitsandbytes as bnb

@@ -90,10 +90,28 @@ def test_tiny_demo_learns_the_task(tmp_path: Path) -> None:
         assert _scalars(tmp_path, f"train/{tag}"), f"train/{tag} in TensorBoard"
     for tag in ("lr", "grad_norm", "tokens_per_s", "pairs_per_s", "peak_mem_gb", "skipped_steps"):
         assert _scalars(tmp_path, f"train/{tag}"), f"train/{tag} in TensorBoard"
+    png = (tmp_path / "learning_curves.png").read_bytes()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n")
+    samples = _texts(tmp_path, "samples/0")
+    assert [step for step, _ in samples] == [0, 300], "a sample answer at every evaluation"
+    assert "**answer**" in samples[-1][1] and ("sort:" in samples[-1][1] or "max:" in samples[-1][1])
     saved = json.loads((tmp_path / "run_summary.json").read_text())
     assert set(saved) >= {"config", "plan", "final_metrics", "skipped_rows", "wall_seconds", "tokens_per_s"}
     assert saved["plan"]["accumulation"] == 2 and saved["skipped_rows"] == {"train": {}, "eval": {}}
     assert saved["tokens_per_s"] > 0
+
+
+def _texts(out: Path, tag: str) -> list[tuple[int, str]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    values = []
+    for path in sorted((out / "tensorboard").rglob("events.out.tfevents.*")):
+        acc = EventAccumulator(str(path), size_guidance={"tensors": 0})
+        acc.Reload()
+        stored = f"{tag}/text_summary"  # SummaryWriter.add_text's tag
+        if stored in acc.Tags().get("tensors", []):
+            values += [(e.step, e.tensor_proto.string_val[0].decode()) for e in acc.Tensors(stored)]
+    return sorted(values)
 
 
 def _scalars(out: Path, tag: str) -> list[tuple[int, float]]:
@@ -267,3 +285,26 @@ def test_finished_run_is_not_overwritten(tmp_path: Path) -> None:
 def test_demo_assets_are_shipped() -> None:
     assert (ROOT / "data" / "sort_prefs" / "train.jsonl").is_file()
     assert (ROOT / "assets" / "tiny" / "config.json").is_file()
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [
+        ("padding_free=true",),
+        ("chunked_head=false",),
+        ("group_by_length=false",),
+        ("padding_free=true", "chunked_head=false", "nll_on_prompt=true"),
+    ],
+    ids=["packed", "full_logits", "shuffled_order", "packed_full_logits_nll_on_prompt"],
+)
+def test_forward_paths_give_the_same_steps(tmp_path: Path, variant: tuple[str, ...]) -> None:
+    """Packing, the chunked head and length grouping change how the work is done, never the result:
+    the same losses and gradient norms step by step as the default (padded, chunked head, grouped)."""
+    common = ("max_steps=3", "logging_steps=1", "eval_split=null", "global_batch_size=16", "per_device_batch_size=4")
+    nll = tuple(v for v in variant if v.startswith("nll_on_prompt"))
+    run(tmp_path / "ref", *common, *nll)
+    run(tmp_path / "got", *common, *variant)
+    for tag in ("train/loss", "train/nll_loss", "train/or_loss", "train/grad_norm", "train/logps/rejected"):
+        got, want = _scalars(tmp_path / "got", tag), _scalars(tmp_path / "ref", tag)
+        assert [s for s, _ in got] == [1, 2, 3]
+        assert [v for _, v in got] == pytest.approx([v for _, v in want], rel=2e-5), tag
