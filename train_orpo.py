@@ -19,11 +19,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import json
 import math
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -31,11 +34,21 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 from accelerate import Accelerator, PartialState
-from accelerate.utils import set_seed
+from accelerate.utils import broadcast_object_list, set_seed
 from tqdm.auto import tqdm
 from transformers.integrations import is_deepspeed_zero3_enabled
 
 from orpo.chat import generate_from_ids
+from orpo.checkpoint import (
+    CheckpointError,
+    checkpoints_dir,
+    clear_staging,
+    complete_checkpoints,
+    finalize,
+    find_resume_checkpoint,
+    read_trainer_state,
+    staging_dir,
+)
 from orpo.collator import PackedPairCollator, PairCollator
 from orpo.config import BatchPlan, ConfigError, TrainConfig, load_config, plan_batches, to_dict
 from orpo.data import DataError, PreferenceSplit, describe_skipped, load_split, nll_token_count
@@ -46,6 +59,9 @@ from orpo.model import ModelInfo, load_model, load_tokenizer, resolve_mixed_prec
 from orpo.optim import build_optimizer, build_scheduler
 from orpo.report import write_learning_curves
 from orpo.sampling import global_batches, pair_lengths
+
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by SIGTERM/SIGUSR1 after a checkpoint; requeue and resume
+EXIT_NONFINITE = 76  # max_skipped_steps non-finite steps in a row; the last good state is checkpointed
 
 
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
@@ -203,24 +219,110 @@ def write_report(out: Path, summary: dict[str, Any]) -> None:
 
 
 def check_output_dir(cfg: TrainConfig) -> Path:
-    """Refuse to clobber a finished run, and fail now (not after hours) if we cannot write."""
+    """Refuse to clobber a finished run or an unfinished one's checkpoints, and fail now (not after
+    hours) if the directory cannot be written or its disk is full."""
     out = Path(cfg.output_dir)
     if is_finished_run(out) and not cfg.overwrite:
         raise ConfigError(
             f"{out} already holds a finished run (run_summary.json). Pick another output_dir or pass overwrite=true."
         )
-    if cfg.overwrite and PartialState().is_main_process:
-        # Old event files would mix two runs' curves in TensorBoard.
-        shutil.rmtree(out / "tensorboard", ignore_errors=True)
-        (out / "run_summary.json").unlink(missing_ok=True)
+    if complete_checkpoints(out) and not cfg.resume_from and not cfg.overwrite:
+        raise ConfigError(
+            f"{out} holds checkpoints of an unfinished run ({checkpoints_dir(out)}). Pass resume_from=latest to "
+            "continue it, or overwrite=true to start over (which deletes them)."
+        )
+    if cfg.overwrite and not cfg.resume_from and PartialState().is_main_process:
+        # Old event files would mix two runs' curves in TensorBoard; old checkpoints would be resumed.
+        for stale in ("tensorboard", "checkpoints"):
+            shutil.rmtree(out / stale, ignore_errors=True)
+        for stale in ("run_summary.json", "data_order.jsonl"):
+            (out / stale).unlink(missing_ok=True)
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / f".write_test.{os.getpid()}"
-        probe.write_text("ok")
+        probe.write_bytes(bytes(1 << 20))  # 1 MiB: a full disk fails here, not at the first checkpoint
         probe.unlink()
     except OSError as err:
-        raise ConfigError(f"output_dir {str(out)!r} is not writable: {err}.") from err
+        reason = "its disk is full" if err.errno == errno.ENOSPC else "it is not writable"
+        raise ConfigError(f"output_dir {str(out)!r} cannot be used: {reason} ({err}).") from err
     return out
+
+
+def check_skipped_fraction(data: PreferenceSplit, split: str, max_fraction: float) -> None:
+    """Too many rejected rows usually means the wrong format or budget: stop before loading a model."""
+    fraction = 1 - len(data) / max(data.num_rows, 1)
+    if fraction > max_fraction:
+        top = sorted(data.skipped.items(), key=lambda kv: -kv[1])[:3]
+        reasons = "; ".join(f"{k}: {v} rows (e.g. row {data.skipped_example[k]})" for k, v in top)
+        raise DataError(
+            f"{fraction:.0%} of the {data.num_rows} rows of split {split!r} were skipped, more than "
+            f"max_skipped_fraction={max_fraction:g}. Top reasons: {reasons}. Check the data format "
+            "(data_format, column_map) and max_length, or raise max_skipped_fraction."
+        )
+
+
+class StopRequest:
+    """SIGTERM / SIGUSR1 (SLURM's --signal) ask the run to stop after the current optimizer step.
+
+    The handler only records the request: the loop finishes its step, every rank agrees (a rank that
+    got the signal is enough), a checkpoint is saved and the process exits with EXIT_PREEMPTED. A
+    second signal while saving changes nothing (and the save is atomic anyway).
+    """
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGUSR1):
+                signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.signal = signum
+
+    def agreed(self, accelerator: Accelerator) -> bool:
+        flag = torch.tensor([1.0 if self.signal is not None else 0.0], device=accelerator.device)
+        if accelerator.num_processes > 1:
+            flag = accelerator.reduce(flag, reduction="max")
+        return bool(flag.item())
+
+
+class RunStopped(Exception):
+    """The run stopped early after saving a checkpoint; `exit_code` says why."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+@dataclasses.dataclass
+class Progress:
+    """What the loop accumulates, saved in each checkpoint so that a resumed run logs exactly what
+    the uninterrupted one would have (the open logging window included)."""
+
+    step: int = 0
+    final: dict[str, float] = dataclasses.field(default_factory=dict)
+    first_eval_accuracy: float | None = None
+    window: list[dict[str, float]] = dataclasses.field(default_factory=list)
+    train_seconds: float = 0.0
+    train_tokens: float = 0.0
+    skipped_steps: int = 0
+    skipped_in_a_row: int = 0
+    wall_seconds_before: float = 0.0  # wall time of the attempts before this one
+
+
+def resume_key(cfg: TrainConfig) -> dict[str, Any]:
+    """What must not change across a resume for the data order and state to continue exactly."""
+    keys = (
+        "seed",
+        "global_batch_size",
+        "dataset",
+        "train_split",
+        "group_by_length",
+        "mode",
+        "max_length",
+        "max_prompt_length",
+        "model_name_or_path",
+    )
+    return {k: getattr(cfg, k) for k in keys}
 
 
 # ---- one forward ---------------------------------------------------------------------------------
@@ -373,8 +475,10 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
         train_data = load_data(cfg, tokenizer, cfg.train_split)
         eval_data = load_data(cfg, tokenizer, cfg.eval_split) if cfg.eval_split else None
     say(f"train data   {describe_skipped(train_data)}")
+    check_skipped_fraction(train_data, cfg.train_split, cfg.max_skipped_fraction)
     if eval_data is not None:
         say(f"eval data    {describe_skipped(eval_data)}")
+        check_skipped_fraction(eval_data, cfg.eval_split, cfg.max_skipped_fraction)
     lengths = pair_lengths(train_data) if cfg.group_by_length else None
     batches = global_batches(len(train_data), plan.global_batch, cfg.seed, lengths, accelerator.num_processes)
     eval_indices = None
@@ -410,7 +514,48 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
         "train_pairs": len(train_data),
         "eval_pairs": 0 if eval_indices is None else len(eval_indices),
     }
-    accelerator.init_trackers("tensorboard", config=flat_hparams(cfg))
+    progress_state = Progress()
+    resume_path = None
+    if cfg.resume_from:
+        found: list[Any] = [None, None]  # rank 0 verifies (hashing once), then tells every rank
+        if accelerator.is_main_process:
+            try:
+                found[0] = find_resume_checkpoint(out, cfg.resume_from)
+            except CheckpointError as err:
+                found[1] = str(err)
+        resume_path, error = broadcast_object_list(found)
+        if error:
+            raise CheckpointError(error)
+        if resume_path is None:
+            say("resume       resume_from=latest: no checkpoint yet, starting from step 0")
+    if resume_path is not None:
+        resume_path = Path(resume_path)
+        saved = read_trainer_state(resume_path)
+        if saved["resume_key"] != resume_key(cfg):
+            changed = {
+                k: (v, saved["resume_key"].get(k))
+                for k, v in resume_key(cfg).items()
+                if saved["resume_key"].get(k) != v
+            }
+            raise ConfigError(
+                f"Cannot resume {resume_path}: these settings changed since it was saved (now, then): {changed}."
+            )
+        accelerator.load_state(str(resume_path))
+        progress_state = Progress(**saved["progress"])
+        for _ in range(progress_state.step):  # the data position: the same seeded batches, skipped
+            next(batches)
+        say(f"resumed      from {resume_path} at step {progress_state.step}")
+    # purge_step drops events a killed attempt logged after its last checkpoint.
+    tb_kwargs = {"purge_step": progress_state.step + 1} if progress_state.step else {}
+    accelerator.init_trackers("tensorboard", config=flat_hparams(cfg), init_kwargs={"tensorboard": tb_kwargs})
+    data_order = out / "data_order.jsonl"
+    if cfg.record_data_order and accelerator.is_main_process:
+        kept = [
+            ln
+            for ln in (data_order.read_text().splitlines() if data_order.exists() else [])
+            if json.loads(ln)["step"] <= progress_state.step
+        ]
+        data_order.write_text("".join(ln + "\n" for ln in kept))
 
     prompts = sample_prompts(cfg, eval_data if eval_data is not None else train_data)
 
@@ -426,39 +571,56 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
         )
         return metrics
 
-    def summarize(step: int, finished: bool) -> dict[str, Any]:
+    def summarize(finished: bool) -> dict[str, Any]:
+        p = progress_state
         return {
             "finished": finished,
-            "step": step,
+            "step": p.step,
             "config": to_dict(cfg),
             "plan": plan_record,
-            "final_metrics": final,
+            "final_metrics": p.final,
             "skipped_rows": {"train": train_data.skipped, "eval": eval_data.skipped if eval_data is not None else {}},
-            "skipped_steps": skipped_steps,
-            "wall_seconds": time.time() - started,
-            "tokens_per_s": train_tokens / train_seconds if train_seconds else 0.0,
+            "skipped_steps": p.skipped_steps,
+            "wall_seconds": p.wall_seconds_before + time.time() - started,
+            "tokens_per_s": p.train_tokens / p.train_seconds if p.train_seconds else 0.0,
         }
 
+    def save_checkpoint() -> Path | None:
+        """Every rank writes its state into a staging dir; rank 0 seals and renames it (orpo/checkpoint.py)."""
+        if accelerator.is_main_process:
+            clear_staging(out)
+        accelerator.wait_for_everyone()
+        saved_state = {"progress": dataclasses.asdict(progress_state), "resume_key": resume_key(cfg)}
+        saved_state["progress"]["wall_seconds_before"] = summarize(False)["wall_seconds"]
+        accelerator.save_state(str(staging_dir(out, progress_state.step)))
+        accelerator.wait_for_everyone()
+        path = None
+        if accelerator.is_main_process:
+            path = finalize(out, progress_state.step, saved_state, cfg.keep_last)
+            write_report(out, summarize(finished=False))
+        accelerator.wait_for_everyone()
+        return path
+
     # ---- training
-    final: dict[str, float] = {}
-    first_eval_accuracy = None
-    if eval_indices is not None and cfg.eval_at_start:
-        final.update(prefixed("eval", run_eval(0)))
-        first_eval_accuracy = final["eval/rewards/accuracies"]
+    p = progress_state
+    if eval_indices is not None and cfg.eval_at_start and p.step == 0:
+        p.final.update(prefixed("eval", run_eval(0)))
+        p.first_eval_accuracy = p.final["eval/rewards/accuracies"]
     model.train()
     scale = plan.accumulation * accelerator.num_processes  # undo accelerate's / accumulation and DDP's mean
     per_rank = plan.global_batch // accelerator.num_processes
     steps_per_epoch = len(train_data) // plan.global_batch
-    window: list[dict[str, float]] = []
-    train_seconds, train_tokens, skipped_steps = 0.0, 0.0, 0
+    stop = StopRequest()
     progress = tqdm(
+        initial=p.step,
         total=cfg.max_steps,
         disable=not accelerator.is_main_process,
         desc="train",
         dynamic_ncols=True,
         mininterval=0.5 if sys.stderr.isatty() else 30.0,
     )
-    for step in range(1, cfg.max_steps + 1):
+    while p.step < cfg.max_steps:
+        step = p.step + 1
         step_started = time.time()
         _, indices = next(batches)
         num_nll_tokens = nll_token_count(train_data, indices, cfg.nll_on_prompt)
@@ -476,32 +638,39 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
         grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
         metrics = sums.reduce(accelerator, cfg.orpo_lambda)
         lr = scheduler.get_last_lr()[0]
-        if math.isfinite(metrics["loss"]) and math.isfinite(grad_norm):
+        # The loss is reduced over ranks and the norm is of the synchronised gradient: every rank
+        # takes the same decision. fp16's scaler must see an overflow to lower its scale (it skips
+        # that update itself).
+        finite = math.isfinite(metrics["loss"]) and math.isfinite(grad_norm)
+        if finite or accelerator.scaler is not None:
             optimizer.step()
+        if finite:
+            scheduler.step()
+            p.skipped_in_a_row = 0
         else:
-            skipped_steps += 1
-        scheduler.step()
+            p.skipped_steps += 1
+            p.skipped_in_a_row += 1
+            say(f"step {step}: non-finite loss {metrics['loss']} or grad norm {grad_norm}: update skipped")
         optimizer.zero_grad(set_to_none=True)
-        metrics.update(
-            lr=lr,
-            grad_norm=grad_norm,
-            epoch=step / steps_per_epoch,
-            seconds=time.time() - step_started,
-        )
-        window.append(metrics)
+        metrics.update(lr=lr, grad_norm=grad_norm, epoch=step / steps_per_epoch, seconds=time.time() - step_started)
+        p.window.append(metrics)
+        p.step = step
         progress.update(1)
         progress.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['rewards/accuracies']:.2f}", refresh=False)
+        if cfg.record_data_order and accelerator.is_main_process:
+            with open(data_order, "a") as f:
+                f.write(json.dumps({"step": step, "rows": [int(train_data.row_index[i]) for i in indices]}) + "\n")
 
         if step % cfg.logging_steps == 0 or step == cfg.max_steps:
-            logged = mean_of(window)
-            seconds, tokens = sum(m["seconds"] for m in window), sum(m["tokens"] for m in window)
-            train_seconds += seconds
-            train_tokens += tokens
+            logged = mean_of(p.window)
+            seconds, tokens = sum(m["seconds"] for m in p.window), sum(m["tokens"] for m in p.window)
+            p.train_seconds += seconds
+            p.train_tokens += tokens
             logged.update(
                 tokens_per_s=tokens / seconds,
-                pairs_per_s=sum(m["pairs"] for m in window) / seconds,
+                pairs_per_s=sum(m["pairs"] for m in p.window) / seconds,
                 peak_mem_gb=peak_memory_gb(accelerator.device),
-                skipped_steps=skipped_steps,
+                skipped_steps=p.skipped_steps,
             )
             if peak_tflops:
                 logged["mfu"] = (
@@ -510,20 +679,34 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
             for key in ("pairs", "tokens", "seconds"):
                 logged.pop(key)
             accelerator.log(prefixed("train", logged), step=step)
-            final.update(prefixed("train", logged))
-            window = []
+            p.final.update(prefixed("train", logged))
+            p.window = []
         if eval_indices is not None and ((cfg.eval_steps and step % cfg.eval_steps == 0) or step == cfg.max_steps):
-            final.update(prefixed("eval", run_eval(step)))
-        if cfg.save_steps and step % cfg.save_steps == 0 and step < cfg.max_steps:
-            accelerator.save_state(str(out / "checkpoints" / f"step_{step}"))
-            if accelerator.is_main_process:
-                write_report(out, summarize(step, finished=False))
+            p.final.update(prefixed("eval", run_eval(step)))
+        if p.skipped_in_a_row >= cfg.max_skipped_steps:
+            path = save_checkpoint()
+            raise RunStopped(
+                f"{p.skipped_in_a_row} optimizer steps in a row had a non-finite loss or gradient (max_skipped_steps="
+                f"{cfg.max_skipped_steps}); stopped at step {step}. The last good state is in {path}. Lower the "
+                "learning rate, check the data, or use bf16 instead of fp16.",
+                EXIT_NONFINITE,
+            )
+        saved_now = cfg.save_steps and step % cfg.save_steps == 0 and step < cfg.max_steps
+        if saved_now:
+            save_checkpoint()
+        if stop.agreed(accelerator):
+            path = save_checkpoint() if not saved_now else None
+            raise RunStopped(
+                f"signal {stop.signal} received: stopped after step {step} and saved "
+                f"{path or checkpoints_dir(out) / f'step_{step}'}; resume with resume_from=latest.",
+                EXIT_PREEMPTED,
+            )
     progress.close()
 
     # ---- the result
     accelerator.wait_for_everyone()
     state_dict = accelerator.get_state_dict(model)
-    summary = summarize(cfg.max_steps, finished=True)
+    summary = summarize(finished=True)
     if accelerator.is_main_process:
         save_trained(accelerator.unwrap_model(model), tokenizer, out, state_dict)
         write_report(out, summary)
@@ -531,9 +714,9 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
             f"saved {'adapter' if cfg.mode != 'full' else 'model'} and run_summary.json to {out} "
             f"({summary['wall_seconds']:.0f} s, {summary['tokens_per_s']:,.0f} tokens/s)"
         )
-        if "eval/rewards/accuracies" in final:
-            start = f"{first_eval_accuracy:.3f} before training -> " if first_eval_accuracy is not None else ""
-            end = final["eval/rewards/accuracies"]
+        if "eval/rewards/accuracies" in p.final:
+            start = f"{p.first_eval_accuracy:.3f} before training -> " if p.first_eval_accuracy is not None else ""
+            end = p.final["eval/rewards/accuracies"]
             say(f"held-out eval/rewards/accuracies: {start}{end:.3f} after {cfg.max_steps} steps")
         say(f"TensorBoard: tensorboard --logdir {out / 'tensorboard'}")
     accelerator.end_training()
@@ -552,5 +735,8 @@ if __name__ == "__main__":
         sys.exit(f"config error: {err}")
     try:
         main(config)
-    except (ConfigError, DataError) as err:
+    except (ConfigError, DataError, CheckpointError) as err:
         sys.exit(f"error: {err}")
+    except RunStopped as err:
+        print(f"stopped: {err}", file=sys.stderr)
+        sys.exit(err.exit_code)

@@ -157,6 +157,19 @@ class TrainConfig:
     """Log training metrics averaged over this many optimizer steps."""
     save_steps: int = 500
     """Save a resumable checkpoint every this many optimizer steps; 0 disables."""
+    keep_last: int = 2
+    """Complete checkpoints kept; older ones are pruned only after a new one is sealed (at least 2,
+    so that a crash while pruning still leaves one intact)."""
+    resume_from: str | None = None
+    """`latest` (the newest checkpoint under output_dir whose manifest verifies) or a checkpoint
+    directory; continues exactly: same data order, learning rate, RNG."""
+    max_skipped_steps: int = 10
+    """Stop (after checkpointing the last good state) when this many optimizer steps in a row had a
+    non-finite loss or gradient norm."""
+    max_skipped_fraction: float = 0.5
+    """Stop before training when more than this share of a split's rows is skipped as unusable."""
+    record_data_order: bool = False
+    """Write output_dir/data_order.jsonl: the source row ids of every step's global batch."""
 
     def __post_init__(self) -> None:
         self.validate()
@@ -209,6 +222,12 @@ class TrainConfig:
                 f"dataset={self.dataset!r} is a single file, the training data, so eval_split={self.eval_split!r} "
                 "must be the path of another file, or null; or put <split>.jsonl files in a directory."
             )
+        if self.keep_last < 2:
+            raise ConfigError(
+                f"keep_last must be at least 2 (a crash while pruning must leave one), got {self.keep_last}."
+            )
+        if self.max_skipped_steps < 1 or not 0.0 <= self.max_skipped_fraction <= 1.0:
+            raise ConfigError("max_skipped_steps must be >= 1 and max_skipped_fraction in [0, 1].")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}.")
         if self.learning_rate <= 0 or self.orpo_lambda < 0 or self.max_grad_norm < 0:

@@ -1,0 +1,107 @@
+"""Runs train_orpo with faults injected, for the reliability tests (never imported by the trainer).
+
+    python tests/fault_injection.py --config configs/tiny.yaml key=value ...   (or under accelerate launch)
+
+Environment variables choose the fault:
+    ORPO_KILL_AT_STEP=k         SIGKILL this process when step k+1 starts (step k and its checkpoint done)
+    ORPO_KILL_IN=manifest       SIGKILL while sealing a checkpoint: a file half written, no manifest, no rename
+    ORPO_KILL_IN=rename         SIGKILL after the manifest, just before the atomic rename
+    ORPO_KILL_IN=prune          SIGKILL in the middle of deleting an old checkpoint
+    ORPO_KILL_SAVE_NUMBER=n     which save the ORPO_KILL_IN fault hits (default 2)
+    ORPO_INF_STEPS=3,4          make one gradient infinite during these steps ...
+    ORPO_INF_RANK=1             ... on this rank only (default 0)
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+import orpo.checkpoint as checkpoint  # noqa: E402
+import train_orpo  # noqa: E402
+
+
+def die() -> None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def install() -> None:
+    env = os.environ
+    steps_started = {"n": 0}
+    real_count = train_orpo.nll_token_count
+
+    def count_steps(*args, **kwargs):  # called once at the start of every optimizer step
+        steps_started["n"] += 1
+        if "ORPO_KILL_AT_STEP" in env and steps_started["n"] == int(env["ORPO_KILL_AT_STEP"]) + 1:
+            die()
+        return real_count(*args, **kwargs)
+
+    train_orpo.nll_token_count = count_steps
+
+    where, saves = env.get("ORPO_KILL_IN"), {"n": 0}
+    target = int(env.get("ORPO_KILL_SAVE_NUMBER", "2"))
+    real_manifest, real_replace, real_rmtree = (
+        checkpoint.write_manifest,
+        checkpoint.os.replace,
+        checkpoint.shutil.rmtree,
+    )
+
+    def manifest(directory: Path):
+        saves["n"] += 1
+        if where == "manifest" and saves["n"] == target:
+            biggest = max((p for p in directory.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+            biggest.write_bytes(biggest.read_bytes()[: biggest.stat().st_size // 2])
+            die()
+        return real_manifest(directory)
+
+    def replace(src, dst):
+        if where == "rename" and saves["n"] == target and Path(src).name.startswith(".tmp-step_"):
+            die()
+        return real_replace(src, dst)
+
+    def rmtree(path, *args, **kwargs):
+        if where == "prune" and saves["n"] == target and Path(path).name.startswith("step_"):
+            files = sorted(p for p in Path(path).rglob("*") if p.is_file())
+            for f in files[: max(1, len(files) // 2)]:
+                f.unlink()
+            die()
+        return real_rmtree(path, *args, **kwargs)
+
+    checkpoint.write_manifest, checkpoint.os.replace, checkpoint.shutil.rmtree = manifest, replace, rmtree
+
+    if "ORPO_INF_STEPS" in env:
+        inf_steps = {int(s) for s in env["ORPO_INF_STEPS"].split(",")}
+        inf_rank = int(env.get("ORPO_INF_RANK", "0"))
+        real_forward = train_orpo.forward_orpo
+
+        hooked = set()
+
+        def poison(grad: torch.Tensor) -> torch.Tensor:
+            return torch.full_like(grad, float("inf")) if steps_started["n"] in inf_steps else grad
+
+        def forward(model, batch, *args, **kwargs):
+            if int(os.environ.get("RANK", "0")) == inf_rank and not hooked:
+                param = next(p for p in model.parameters() if p.requires_grad)
+                param.register_hook(poison)  # this rank's gradient, before the all-reduce
+                hooked.add(True)
+            return real_forward(model, batch, *args, **kwargs)
+
+        train_orpo.forward_orpo = forward
+
+
+if __name__ == "__main__":
+    install()
+    config = train_orpo.parse_args()
+    try:
+        train_orpo.main(config)
+    except train_orpo.RunStopped as err:
+        print(f"stopped: {err}", file=sys.stderr)
+        sys.exit(err.exit_code)
