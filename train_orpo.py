@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import errno
+import importlib.util
 import json
 import math
 import os
@@ -248,6 +249,13 @@ def check_output_dir(cfg: TrainConfig) -> Path:
     return out
 
 
+def check_trackers(cfg: TrainConfig) -> None:
+    if "wandb" in cfg.report_to and importlib.util.find_spec("wandb") is None:
+        raise ConfigError(
+            "report_to lists wandb, which is not installed: pip install wandb, or drop it from report_to."
+        )
+
+
 def check_skipped_fraction(data: PreferenceSplit, split: str, max_fraction: float) -> None:
     """Too many rejected rows usually means the wrong format or budget: stop before loading a model."""
     fraction = 1 - len(data) / max(data.num_rows, 1)
@@ -457,12 +465,13 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
     state, cpu_only = init_processes()
     plan = plan_batches(cfg, state.num_processes)
     out = check_output_dir(cfg)
+    check_trackers(cfg)
     state.wait_for_everyone()
     accelerator = Accelerator(
         cpu=cpu_only,
         gradient_accumulation_steps=plan.accumulation,
         mixed_precision=resolve_mixed_precision(cfg),
-        log_with="tensorboard",
+        log_with=cfg.report_to,
         project_dir=str(out),
     )
     configure_deepspeed(accelerator, cfg, plan)

@@ -153,6 +153,9 @@ class TrainConfig:
     weights and logged to TensorBoard as text (`samples/<i>`); 0 disables."""
     sample_max_new_tokens: int = 128
     """Bound on the length of each sample answer."""
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
+    """Trackers: `tensorboard` (always on: the report and samples read it) and optionally `wandb`,
+    imported only when listed."""
     logging_steps: int = 10
     """Log training metrics averaged over this many optimizer steps."""
     save_steps: int = 500
@@ -222,6 +225,8 @@ class TrainConfig:
                 f"dataset={self.dataset!r} is a single file, the training data, so eval_split={self.eval_split!r} "
                 "must be the path of another file, or null; or put <split>.jsonl files in a directory."
             )
+        if "tensorboard" not in self.report_to or not set(self.report_to) <= {"tensorboard", "wandb"}:
+            raise ConfigError(f"report_to must list tensorboard, optionally with wandb; got {self.report_to}.")
         if self.keep_last < 2:
             raise ConfigError(
                 f"keep_last must be at least 2 (a crash while pruning must leave one), got {self.keep_last}."

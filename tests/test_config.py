@@ -121,3 +121,22 @@ def test_single_file_dataset_needs_an_eval_file_or_none(tmp_path: Path) -> None:
         load_config(None, [f"dataset={data}"])
     assert load_config(None, [f"dataset={data}", "eval_split=null"]).eval_split is None
     assert load_config(None, [f"dataset={data}", f"eval_split={data}"]).eval_split == str(data)
+
+
+def test_report_to_needs_tensorboard_and_known_trackers() -> None:
+    assert load_config(None, ["report_to=[tensorboard, wandb]"]).report_to == ["tensorboard", "wandb"]
+    with pytest.raises(ConfigError, match="report_to must list tensorboard"):
+        load_config(None, ["report_to=[wandb]"])
+    with pytest.raises(ConfigError, match="report_to must list tensorboard"):
+        load_config(None, ["report_to=[tensorboard, mlflow]"])
+
+
+def test_wandb_not_installed_is_refused_before_anything_runs(tmp_path: Path) -> None:
+    import importlib.util
+
+    import train_orpo
+
+    if importlib.util.find_spec("wandb") is not None:
+        pytest.skip("wandb is installed here; the check is for machines without it")
+    with pytest.raises(ConfigError, match="wandb, which is not installed"):
+        train_orpo.check_trackers(load_config(None, ["report_to=[tensorboard, wandb]", f"output_dir={tmp_path}"]))
