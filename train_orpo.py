@@ -694,6 +694,7 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
             p.final.update(prefixed("eval", run_eval(step)))
         if p.skipped_in_a_row >= cfg.max_skipped_steps:
             path = save_checkpoint()
+            accelerator.end_training()
             raise RunStopped(
                 f"{p.skipped_in_a_row} optimizer steps in a row had a non-finite loss or gradient (max_skipped_steps="
                 f"{cfg.max_skipped_steps}); stopped at step {step}. The last good state is in {path}. Lower the "
@@ -705,6 +706,7 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
             save_checkpoint()
         if stop.agreed(accelerator):
             path = save_checkpoint() if not saved_now else None
+            accelerator.end_training()
             raise RunStopped(
                 f"signal {stop.signal} received: stopped after step {step} and saved "
                 f"{path or checkpoints_dir(out) / f'step_{step}'}; resume with resume_from=latest.",
@@ -728,12 +730,10 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
             end = p.final["eval/rewards/accuracies"]
             say(f"held-out eval/rewards/accuracies: {start}{end:.3f} after {cfg.max_steps} steps")
         say(f"TensorBoard: tensorboard --logdir {out / 'tensorboard'}")
-    accelerator.end_training()
     # Leave together: a rank that exits while another is still saving can be torn down mid-collective
-    # (seen as a SIGABRT of rank 1 under load with ZeRO-3).
+    # (seen as a SIGABRT of rank 1 under load with ZeRO-3). end_training destroys the process group.
     accelerator.wait_for_everyone()
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    accelerator.end_training()
     return summary
 
 
