@@ -19,50 +19,49 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import errno
-import importlib.util
 import json
 import math
-import os
-import shutil
-import signal
 import sys
-import threading
 import time
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
-import torch
-from accelerate import Accelerator, PartialState
+from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, set_seed
 from tqdm.auto import tqdm
-from transformers.integrations import is_deepspeed_zero3_enabled
 
-from orpo.chat import generate_from_ids
+from orpo.chat import log_samples, sample_prompts
 from orpo.checkpoint import (
     CheckpointError,
+    Progress,
     checkpoints_dir,
     clear_staging,
-    complete_checkpoints,
     finalize,
     find_resume_checkpoint,
     read_trainer_state,
+    resume_key,
     staging_dir,
 )
 from orpo.collator import PackedPairCollator, PairCollator
 from orpo.config import BatchPlan, ConfigError, TrainConfig, load_config, plan_batches, to_dict
 from orpo.data import DataError, PreferenceSplit, describe_skipped, load_split, nll_token_count
-from orpo.logprobs import output_projection, packed_policy_logps, policy_logps_from_hidden
-from orpo.loss import ORPOLoss, PolicyLogps, orpo_loss, policy_logps
-from orpo.metrics import FlopsModel, MetricSums, device_peak_tflops, mean_of, peak_memory_gb
+from orpo.distributed import configure_deepspeed, deepspeed_offloads_optimizer, init_processes
+from orpo.forward import evaluate, forward_orpo, resolve_head, to_device
+from orpo.guards import (
+    EXIT_NONFINITE,
+    EXIT_PREEMPTED,
+    RunStopped,
+    StopRequest,
+    check_output_dir,
+    check_skipped_fraction,
+    check_trackers,
+)
+from orpo.metrics import FlopsModel, MetricSums, device_peak_tflops, mean_of, peak_memory_gb, prefixed
 from orpo.model import ModelInfo, load_model, load_tokenizer, resolve_mixed_precision, save_trained
 from orpo.optim import build_optimizer, build_scheduler
-from orpo.report import write_learning_curves
+from orpo.report import write_report
 from orpo.sampling import global_batches, pair_lengths
-
-EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by SIGTERM/SIGUSR1 after a checkpoint; requeue and resume
-EXIT_NONFINITE = 76  # max_skipped_steps non-finite steps in a row; the last good state is checkpointed
 
 
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
@@ -118,338 +117,6 @@ def plan_lines(
         f"eval         {evaluation}",
         f"output       {cfg.output_dir}",
     ]
-
-
-def init_processes() -> tuple[PartialState, bool]:
-    """The process group, and whether to force the CPU.
-
-    Without CUDA, accelerate leaves the backend unset and each launched process thinks it is alone
-    (distributed type NO: no gradient all-reduce at all). Launched processes on a CPU-only machine
-    therefore get gloo, and for plain data parallelism the CPU flag that makes accelerate wrap DDP.
-    """
-    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    if not launched or torch.cuda.is_available():
-        return PartialState(), False
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
-        return PartialState(backend="gloo"), False
-    return PartialState(cpu=True, backend="gloo"), True
-
-
-def deepspeed_offloads_optimizer(accelerator: Accelerator) -> bool:
-    plugin = accelerator.state.deepspeed_plugin
-    if plugin is None:
-        return False
-    offload = plugin.deepspeed_config.get("zero_optimization", {}).get("offload_optimizer", {})
-    return offload.get("device", "none") in ("cpu", "nvme")
-
-
-def configure_deepspeed(accelerator: Accelerator, cfg: TrainConfig, plan: BatchPlan) -> None:
-    """Fill DeepSpeed's batch, accumulation and clipping from the recipe, so they mean what it says.
-
-    Under DeepSpeed the engine clips (accelerate's clip_grad_norm_ only reports the norm), so the
-    recipe's max_grad_norm must reach the DeepSpeed config; a number already there must agree.
-    """
-    plugin = accelerator.state.deepspeed_plugin
-    if plugin is None:
-        return
-    ds = plugin.deepspeed_config
-    wanted = {
-        "train_micro_batch_size_per_gpu": plan.micro_batch,
-        "gradient_accumulation_steps": plan.accumulation,
-        "train_batch_size": plan.global_batch,
-        "gradient_clipping": cfg.max_grad_norm,
-    }
-    for key, value in wanted.items():
-        if ds.get(key, "auto") not in ("auto", value):
-            raise ConfigError(
-                f"The DeepSpeed config sets {key}={ds[key]!r} but the recipe implies {value!r}; "
-                f'set it to "auto" in the DeepSpeed JSON and choose it in the recipe.'
-            )
-        ds[key] = value
-    for section in ("optimizer", "scheduler"):
-        if section in ds:
-            raise ConfigError(
-                f"The DeepSpeed config has an {section!r} section; remove it: the recipe's optim and "
-                "lr_scheduler are used under DeepSpeed too."
-            )
-
-
-def is_finished_run(out: Path) -> bool:
-    """A run_summary.json is also written at checkpoints; only the final one says finished."""
-    try:
-        return bool(json.loads((out / "run_summary.json").read_text()).get("finished", True))
-    except (OSError, ValueError):
-        return False
-
-
-def sample_prompts(cfg: TrainConfig, data: PreferenceSplit) -> list[list[int]]:
-    """A fixed, seeded set of prompts (as tokenised for training) to answer at every evaluation."""
-    chosen = np.random.default_rng(cfg.seed + 1).permutation(len(data))[: cfg.num_sample_prompts]
-    return [data[int(i)]["chosen_ids"][: data[int(i)]["chosen_prompt_len"]].tolist() for i in sorted(chosen)]
-
-
-def log_samples(
-    accelerator: Accelerator,
-    model: torch.nn.Module,
-    tokenizer: Any,
-    prompts: list[list[int]],
-    max_new_tokens: int,
-    step: int,
-) -> None:
-    """Greedy answers to the sample prompts, as TensorBoard text. Under ZeRO-3 every rank generates
-    (each forward gathers parameters collectively); otherwise rank 0 alone."""
-    zero3 = is_deepspeed_zero3_enabled()
-    if not prompts or not (accelerator.is_main_process or zero3):
-        return
-    answers = generate_from_ids(accelerator.unwrap_model(model), tokenizer, prompts, max_new_tokens, synced_gpus=zero3)
-    if accelerator.is_main_process:
-        writer = accelerator.get_tracker("tensorboard", unwrap=True)
-        for i, (prompt, answer) in enumerate(zip(prompts, answers, strict=True)):
-            text = f"**prompt**\n\n```\n{tokenizer.decode(prompt)}\n```\n\n**answer**\n\n```\n{answer}\n```"
-            writer.add_text(f"samples/{i}", text, step)
-        writer.flush()
-
-
-def write_report(out: Path, summary: dict[str, Any]) -> None:
-    """run_summary.json and learning_curves.png (rank 0), at checkpoints and at the end."""
-    (out / "run_summary.json").write_text(json.dumps(summary, indent=2))
-    try:
-        write_learning_curves(out / "tensorboard", out / "learning_curves.png")
-    except ValueError:  # nothing logged yet
-        pass
-
-
-def check_output_dir(cfg: TrainConfig) -> Path:
-    """Refuse to clobber a finished run or an unfinished one's checkpoints, and fail now (not after
-    hours) if the directory cannot be written or its disk is full."""
-    out = Path(cfg.output_dir)
-    if is_finished_run(out) and not cfg.overwrite:
-        raise ConfigError(
-            f"{out} already holds a finished run (run_summary.json). Pick another output_dir or pass overwrite=true."
-        )
-    if complete_checkpoints(out) and not cfg.resume_from and not cfg.overwrite:
-        raise ConfigError(
-            f"{out} holds checkpoints of an unfinished run ({checkpoints_dir(out)}). Pass resume_from=latest to "
-            "continue it, or overwrite=true to start over (which deletes them)."
-        )
-    if cfg.overwrite and not cfg.resume_from and PartialState().is_main_process:
-        # Old event files would mix two runs' curves in TensorBoard; old checkpoints would be resumed.
-        for stale in ("tensorboard", "checkpoints"):
-            shutil.rmtree(out / stale, ignore_errors=True)
-        for stale in ("run_summary.json", "data_order.jsonl"):
-            (out / stale).unlink(missing_ok=True)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write_test.{os.getpid()}"
-        probe.write_bytes(bytes(1 << 20))  # 1 MiB: a full disk fails here, not at the first checkpoint
-        probe.unlink()
-    except OSError as err:
-        reason = "its disk is full" if err.errno == errno.ENOSPC else "it is not writable"
-        raise ConfigError(f"output_dir {str(out)!r} cannot be used: {reason} ({err}).") from err
-    return out
-
-
-def check_trackers(cfg: TrainConfig) -> None:
-    if "wandb" in cfg.report_to and importlib.util.find_spec("wandb") is None:
-        raise ConfigError(
-            "report_to lists wandb, which is not installed: pip install wandb, or drop it from report_to."
-        )
-
-
-def check_skipped_fraction(data: PreferenceSplit, split: str, max_fraction: float) -> None:
-    """Too many rejected rows usually means the wrong format or budget: stop before loading a model."""
-    fraction = 1 - len(data) / max(data.num_rows, 1)
-    if fraction > max_fraction:
-        top = sorted(data.skipped.items(), key=lambda kv: -kv[1])[:3]
-        reasons = "; ".join(f"{k}: {v} rows (e.g. row {data.skipped_example[k]})" for k, v in top)
-        raise DataError(
-            f"{fraction:.0%} of the {data.num_rows} rows of split {split!r} were skipped, more than "
-            f"max_skipped_fraction={max_fraction:g}. Top reasons: {reasons}. Check the data format "
-            "(data_format, column_map) and max_length, or raise max_skipped_fraction."
-        )
-
-
-class StopRequest:
-    """SIGTERM / SIGUSR1 (SLURM's --signal) ask the run to stop after the current optimizer step.
-
-    The handler only records the request: the loop finishes its step, every rank agrees (a rank that
-    got the signal is enough), a checkpoint is saved and the process exits with EXIT_PREEMPTED. A
-    second signal while saving changes nothing (and the save is atomic anyway).
-    """
-
-    def __init__(self) -> None:
-        self.signal: int | None = None
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGUSR1):
-                signal.signal(sig, self._handle)
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.signal = signum
-
-    def agreed(self, accelerator: Accelerator) -> bool:
-        flag = torch.tensor([1.0 if self.signal is not None else 0.0], device=accelerator.device)
-        if accelerator.num_processes > 1:
-            flag = accelerator.reduce(flag, reduction="max")
-        return bool(flag.item())
-
-
-class RunStopped(Exception):
-    """The run stopped early after saving a checkpoint; `exit_code` says why."""
-
-    def __init__(self, message: str, exit_code: int) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
-
-
-@dataclasses.dataclass
-class Progress:
-    """What the loop accumulates, saved in each checkpoint so that a resumed run logs exactly what
-    the uninterrupted one would have (the open logging window included)."""
-
-    step: int = 0
-    final: dict[str, float] = dataclasses.field(default_factory=dict)
-    first_eval_accuracy: float | None = None
-    window: list[dict[str, float]] = dataclasses.field(default_factory=list)
-    train_seconds: float = 0.0
-    train_tokens: float = 0.0
-    skipped_steps: int = 0
-    skipped_in_a_row: int = 0
-    wall_seconds_before: float = 0.0  # wall time of the attempts before this one
-
-
-def resume_key(cfg: TrainConfig) -> dict[str, Any]:
-    """What must not change across a resume for the data order and state to continue exactly."""
-    keys = (
-        "seed",
-        "global_batch_size",
-        "dataset",
-        "train_split",
-        "group_by_length",
-        "mode",
-        "max_length",
-        "max_prompt_length",
-        "model_name_or_path",
-    )
-    return {k: getattr(cfg, k) for k in keys}
-
-
-# ---- one forward ---------------------------------------------------------------------------------
-
-
-class LMHead(NamedTuple):
-    """The LM head as the chunked log-prob path reads it (orpo/logprobs.py)."""
-
-    weight: torch.Tensor
-    bias: torch.Tensor | None
-    matmul_dtype: torch.dtype | None
-
-
-def policy_forward(model: torch.nn.Module, batch: dict[str, torch.Tensor], head: LMHead | None) -> PolicyLogps:
-    """Response log-probs and SFT NLL of a padded (PairCollator) or packed (PackedPairCollator) batch.
-
-    A packed row goes in with position_ids and no attention mask, so that transformers builds the
-    block-diagonal causal mask (flash-attention: varlen) from the position restarts. With `head`, the
-    model returns no logits (logits_to_keep is empty) and log-probs come chunk by chunk from the
-    last hidden states at the scored positions only.
-    """
-    packed = "seq_lens" in batch
-    inputs = {"input_ids": batch["input_ids"], "use_cache": False}
-    if packed:
-        inputs["position_ids"] = batch["position_ids"]
-    else:
-        inputs["attention_mask"] = batch["attention_mask"]
-    seq_lens = batch["seq_lens"] if packed else None
-    if head is None:
-        logits = model(**inputs).logits
-        if packed:
-            return packed_policy_logps(logits, batch["labels"], batch["nll_labels"], seq_lens)
-        return policy_logps(logits, batch["labels"], batch["nll_labels"])
-    no_logits = torch.empty(0, dtype=torch.long, device=batch["input_ids"].device)
-    hidden = model(**inputs, output_hidden_states=True, logits_to_keep=no_logits).hidden_states[-1]
-    return policy_logps_from_hidden(
-        hidden,
-        head.weight,
-        batch["labels"],
-        batch["nll_labels"],
-        head.bias,
-        seq_lens=seq_lens,
-        matmul_dtype=head.matmul_dtype,
-    )
-
-
-def forward_orpo(
-    model: torch.nn.Module,
-    batch: dict[str, torch.Tensor],
-    orpo_lambda: float,
-    num_nll_tokens: int,
-    num_pairs: int,
-    sums: MetricSums,
-    head: LMHead | None = None,
-) -> ORPOLoss:
-    """Forward a collated micro-batch; returns its share of the step's loss and adds its metrics."""
-    policy = policy_forward(model, batch, head)
-    out = orpo_loss(policy.chosen_logps, policy.rejected_logps, policy.nll_sum, num_nll_tokens, num_pairs, orpo_lambda)
-    sums.add(
-        policy.chosen_logps,
-        policy.rejected_logps,
-        out.log_odds_ratio,
-        policy.nll_sum,
-        batch["num_nll_tokens"],
-        batch["num_tokens"],
-    )
-    return out
-
-
-def resolve_head(cfg: TrainConfig, model: torch.nn.Module, mixed_precision: str) -> tuple[LMHead | None, str]:
-    """The chunked head when asked for and possible, else None (full logits), and why."""
-    if not cfg.chunked_head:
-        return None, "full logits (chunked_head=false)"
-    try:
-        weight, bias = output_projection(model)
-    except ValueError as err:
-        return None, f"full logits: {err}"
-    matmul_dtype = torch.bfloat16 if mixed_precision == "bf16" else None
-    return LMHead(weight, bias, matmul_dtype), "chunked log-prob head (no [tokens, vocab] logits)"
-
-
-def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-
-
-@torch.no_grad()
-def evaluate(
-    model: torch.nn.Module,
-    accelerator: Accelerator,
-    data: PreferenceSplit,
-    indices: np.ndarray,
-    collator: PairCollator,
-    batch_size: int,
-    orpo_lambda: float,
-    head: LMHead | None = None,
-) -> dict[str, float]:
-    """Metrics over the whole eval subset, each rank taking every num_processes-th pair.
-
-    Every rank runs the same number of forwards (a rank out of pairs runs a discarded one): under
-    ZeRO-3 each forward gathers parameters collectively, and an uneven count would hang.
-    """
-    model.eval()
-    sums = MetricSums(accelerator.device)
-    mine = indices[accelerator.process_index :: accelerator.num_processes]
-    rounds = math.ceil(math.ceil(len(indices) / accelerator.num_processes) / batch_size)
-    for start in range(0, rounds * batch_size, batch_size):
-        chunk = mine[start : start + batch_size]
-        target = sums if len(chunk) else MetricSums(accelerator.device)
-        batch = to_device(collator([data[i] for i in (chunk if len(chunk) else indices[:1])]), accelerator.device)
-        forward_orpo(model, batch, orpo_lambda, 1, 1, target, head)
-    model.train()
-    metrics = sums.reduce(accelerator, orpo_lambda)
-    for key in ("pairs", "tokens"):
-        metrics.pop(key)
-    return metrics
-
-
-def prefixed(prefix: str, metrics: dict[str, float]) -> dict[str, float]:
-    return {f"{prefix}/{k}": v for k, v in metrics.items()}
 
 
 def flat_hparams(cfg: TrainConfig) -> dict[str, Any]:

@@ -19,11 +19,16 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
-from orpo.data import PairTokenizer
+from orpo.config import TrainConfig
+from orpo.data import PairTokenizer, PreferenceSplit
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -185,6 +190,36 @@ def generate_from_ids(
         end = next((i for i, t in enumerate(row) if t in pair_tokenizer.terminators), len(row))
         answers.append(tokenizer.decode(row[:end], skip_special_tokens=True).strip())
     return answers
+
+
+def sample_prompts(cfg: TrainConfig, data: PreferenceSplit) -> list[list[int]]:
+    """A fixed, seeded set of prompts (as tokenised for training) to answer at every evaluation."""
+    chosen = np.random.default_rng(cfg.seed + 1).permutation(len(data))[: cfg.num_sample_prompts]
+    return [data[int(i)]["chosen_ids"][: data[int(i)]["chosen_prompt_len"]].tolist() for i in sorted(chosen)]
+
+
+def log_samples(
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    tokenizer: Any,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    step: int,
+) -> None:
+    """Greedy answers to the sample prompts, as TensorBoard text. Under ZeRO-3 every rank generates
+    (each forward gathers parameters collectively); otherwise rank 0 alone."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    zero3 = is_deepspeed_zero3_enabled()
+    if not prompts or not (accelerator.is_main_process or zero3):
+        return
+    answers = generate_from_ids(accelerator.unwrap_model(model), tokenizer, prompts, max_new_tokens, synced_gpus=zero3)
+    if accelerator.is_main_process:
+        writer = accelerator.get_tracker("tensorboard", unwrap=True)
+        for i, (prompt, answer) in enumerate(zip(prompts, answers, strict=True)):
+            text = f"**prompt**\n\n```\n{tokenizer.decode(prompt)}\n```\n\n**answer**\n\n```\n{answer}\n```"
+            writer.add_text(f"samples/{i}", text, step)
+        writer.flush()
 
 
 # ---- the command line ----------------------------------------------------------------------------

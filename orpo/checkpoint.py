@@ -14,6 +14,7 @@ rank 0 over all ranks' files).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -22,6 +23,8 @@ import shutil
 import warnings
 from pathlib import Path
 from typing import Any
+
+from orpo.config import TrainConfig
 
 MANIFEST = "manifest.json"
 TRAINER_STATE = "trainer_state.json"
@@ -161,3 +164,35 @@ def prune(output_dir: str | Path, keep_last: int) -> None:
 
 def read_trainer_state(directory: Path) -> dict[str, Any]:
     return json.loads((directory / TRAINER_STATE).read_text())
+
+
+@dataclasses.dataclass
+class Progress:
+    """What the loop accumulates, saved in each checkpoint so that a resumed run logs exactly what
+    the uninterrupted one would have (the open logging window included)."""
+
+    step: int = 0
+    final: dict[str, float] = dataclasses.field(default_factory=dict)
+    first_eval_accuracy: float | None = None
+    window: list[dict[str, float]] = dataclasses.field(default_factory=list)
+    train_seconds: float = 0.0
+    train_tokens: float = 0.0
+    skipped_steps: int = 0
+    skipped_in_a_row: int = 0
+    wall_seconds_before: float = 0.0  # wall time of the attempts before this one
+
+
+def resume_key(cfg: TrainConfig) -> dict[str, Any]:
+    """What must not change across a resume for the data order and state to continue exactly."""
+    keys = (
+        "seed",
+        "global_batch_size",
+        "dataset",
+        "train_split",
+        "group_by_length",
+        "mode",
+        "max_length",
+        "max_prompt_length",
+        "model_name_or_path",
+    )
+    return {k: getattr(cfg, k) for k in keys}

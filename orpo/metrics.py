@@ -130,3 +130,7 @@ class FlopsModel:
 
     def per_token(self) -> float:
         return (6.0 if self.full else 4.0) * self.params
+
+
+def prefixed(prefix: str, metrics: dict[str, float]) -> dict[str, float]:
+    return {f"{prefix}/{k}": v for k, v in metrics.items()}

@@ -12,10 +12,12 @@ eval at the end only) is drawn as a marker. The panel titles are written into th
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 PANELS = ("loss", "nll_loss", "or_loss", "rewards/accuracies", "rewards/margins")
 SPLITS = ("train", "eval")
@@ -78,6 +80,15 @@ def write_learning_curves(tensorboard_dir: Path, out_png: Path) -> Path:
     out_png.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(out_png, format="png", metadata={"Title": "ORPO learning curves", "Description": "\n".join(panels)})
     return out_png
+
+
+def write_report(out: Path, summary: dict[str, Any]) -> None:
+    """run_summary.json and learning_curves.png (rank 0), at checkpoints and at the end."""
+    (out / "run_summary.json").write_text(json.dumps(summary, indent=2))
+    try:
+        write_learning_curves(out / "tensorboard", out / "learning_curves.png")
+    except ValueError:  # nothing logged yet
+        pass
 
 
 def main(argv: list[str] | None = None) -> Path:

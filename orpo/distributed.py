@@ -1,0 +1,65 @@
+"""Processes and DeepSpeed: what accelerate needs to be told on a CPU-only machine, and the
+DeepSpeed settings that must come from the recipe."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from accelerate import Accelerator, PartialState
+
+from orpo.config import BatchPlan, ConfigError, TrainConfig
+
+
+def init_processes() -> tuple[PartialState, bool]:
+    """The process group, and whether to force the CPU.
+
+    Without CUDA, accelerate leaves the backend unset and each launched process thinks it is alone
+    (distributed type NO: no gradient all-reduce at all). Launched processes on a CPU-only machine
+    therefore get gloo, and for plain data parallelism the CPU flag that makes accelerate wrap DDP.
+    """
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if not launched or torch.cuda.is_available():
+        return PartialState(), False
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        return PartialState(backend="gloo"), False
+    return PartialState(cpu=True, backend="gloo"), True
+
+
+def deepspeed_offloads_optimizer(accelerator: Accelerator) -> bool:
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is None:
+        return False
+    offload = plugin.deepspeed_config.get("zero_optimization", {}).get("offload_optimizer", {})
+    return offload.get("device", "none") in ("cpu", "nvme")
+
+
+def configure_deepspeed(accelerator: Accelerator, cfg: TrainConfig, plan: BatchPlan) -> None:
+    """Fill DeepSpeed's batch, accumulation and clipping from the recipe, so they mean what it says.
+
+    Under DeepSpeed the engine clips (accelerate's clip_grad_norm_ only reports the norm), so the
+    recipe's max_grad_norm must reach the DeepSpeed config; a number already there must agree.
+    """
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is None:
+        return
+    ds = plugin.deepspeed_config
+    wanted = {
+        "train_micro_batch_size_per_gpu": plan.micro_batch,
+        "gradient_accumulation_steps": plan.accumulation,
+        "train_batch_size": plan.global_batch,
+        "gradient_clipping": cfg.max_grad_norm,
+    }
+    for key, value in wanted.items():
+        if ds.get(key, "auto") not in ("auto", value):
+            raise ConfigError(
+                f"The DeepSpeed config sets {key}={ds[key]!r} but the recipe implies {value!r}; "
+                f'set it to "auto" in the DeepSpeed JSON and choose it in the recipe.'
+            )
+        ds[key] = value
+    for section in ("optimizer", "scheduler"):
+        if section in ds:
+            raise ConfigError(
+                f"The DeepSpeed config has an {section!r} section; remove it: the recipe's optim and "
+                "lr_scheduler are used under DeepSpeed too."
+            )

@@ -1,0 +1,129 @@
+"""One forward of the policy on a collated micro-batch, and evaluation over an eval subset."""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+
+from orpo.collator import PairCollator
+from orpo.config import TrainConfig
+from orpo.data import PreferenceSplit
+from orpo.logprobs import output_projection, packed_policy_logps, policy_logps_from_hidden
+from orpo.loss import ORPOLoss, PolicyLogps, orpo_loss, policy_logps
+from orpo.metrics import MetricSums
+
+
+class LMHead(NamedTuple):
+    """The LM head as the chunked log-prob path reads it (orpo/logprobs.py)."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    matmul_dtype: torch.dtype | None
+
+
+def policy_forward(model: torch.nn.Module, batch: dict[str, torch.Tensor], head: LMHead | None) -> PolicyLogps:
+    """Response log-probs and SFT NLL of a padded (PairCollator) or packed (PackedPairCollator) batch.
+
+    A packed row goes in with position_ids and no attention mask, so that transformers builds the
+    block-diagonal causal mask (flash-attention: varlen) from the position restarts. With `head`, the
+    model returns no logits (logits_to_keep is empty) and log-probs come chunk by chunk from the
+    last hidden states at the scored positions only.
+    """
+    packed = "seq_lens" in batch
+    inputs = {"input_ids": batch["input_ids"], "use_cache": False}
+    if packed:
+        inputs["position_ids"] = batch["position_ids"]
+    else:
+        inputs["attention_mask"] = batch["attention_mask"]
+    seq_lens = batch["seq_lens"] if packed else None
+    if head is None:
+        logits = model(**inputs).logits
+        if packed:
+            return packed_policy_logps(logits, batch["labels"], batch["nll_labels"], seq_lens)
+        return policy_logps(logits, batch["labels"], batch["nll_labels"])
+    no_logits = torch.empty(0, dtype=torch.long, device=batch["input_ids"].device)
+    hidden = model(**inputs, output_hidden_states=True, logits_to_keep=no_logits).hidden_states[-1]
+    return policy_logps_from_hidden(
+        hidden,
+        head.weight,
+        batch["labels"],
+        batch["nll_labels"],
+        head.bias,
+        seq_lens=seq_lens,
+        matmul_dtype=head.matmul_dtype,
+    )
+
+
+def forward_orpo(
+    model: torch.nn.Module,
+    batch: dict[str, torch.Tensor],
+    orpo_lambda: float,
+    num_nll_tokens: int,
+    num_pairs: int,
+    sums: MetricSums,
+    head: LMHead | None = None,
+) -> ORPOLoss:
+    """Forward a collated micro-batch; returns its share of the step's loss and adds its metrics."""
+    policy = policy_forward(model, batch, head)
+    out = orpo_loss(policy.chosen_logps, policy.rejected_logps, policy.nll_sum, num_nll_tokens, num_pairs, orpo_lambda)
+    sums.add(
+        policy.chosen_logps,
+        policy.rejected_logps,
+        out.log_odds_ratio,
+        policy.nll_sum,
+        batch["num_nll_tokens"],
+        batch["num_tokens"],
+    )
+    return out
+
+
+def resolve_head(cfg: TrainConfig, model: torch.nn.Module, mixed_precision: str) -> tuple[LMHead | None, str]:
+    """The chunked head when asked for and possible, else None (full logits), and why."""
+    if not cfg.chunked_head:
+        return None, "full logits (chunked_head=false)"
+    try:
+        weight, bias = output_projection(model)
+    except ValueError as err:
+        return None, f"full logits: {err}"
+    matmul_dtype = torch.bfloat16 if mixed_precision == "bf16" else None
+    return LMHead(weight, bias, matmul_dtype), "chunked log-prob head (no [tokens, vocab] logits)"
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module,
+    accelerator: Accelerator,
+    data: PreferenceSplit,
+    indices: np.ndarray,
+    collator: PairCollator,
+    batch_size: int,
+    orpo_lambda: float,
+    head: LMHead | None = None,
+) -> dict[str, float]:
+    """Metrics over the whole eval subset, each rank taking every num_processes-th pair.
+
+    Every rank runs the same number of forwards (a rank out of pairs runs a discarded one): under
+    ZeRO-3 each forward gathers parameters collectively, and an uneven count would hang.
+    """
+    model.eval()
+    sums = MetricSums(accelerator.device)
+    mine = indices[accelerator.process_index :: accelerator.num_processes]
+    rounds = math.ceil(math.ceil(len(indices) / accelerator.num_processes) / batch_size)
+    for start in range(0, rounds * batch_size, batch_size):
+        chunk = mine[start : start + batch_size]
+        target = sums if len(chunk) else MetricSums(accelerator.device)
+        batch = to_device(collator([data[i] for i in (chunk if len(chunk) else indices[:1])]), accelerator.device)
+        forward_orpo(model, batch, orpo_lambda, 1, 1, target, head)
+    model.train()
+    metrics = sums.reduce(accelerator, orpo_lambda)
+    for key in ("pairs", "tokens"):
+        metrics.pop(key)
+    return metrics
