@@ -49,6 +49,7 @@ from orpo.data import DataError, PreferenceSplit, describe_skipped, load_split, 
 from orpo.distributed import configure_deepspeed, deepspeed_offloads_optimizer, init_processes
 from orpo.forward import evaluate, forward_orpo, resolve_head, to_device
 from orpo.guards import (
+    EXIT_CODES,
     EXIT_NONFINITE,
     EXIT_PREEMPTED,
     RunStopped,
@@ -261,8 +262,9 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
             "tokens_per_s": p.train_tokens / p.train_seconds if p.train_seconds else 0.0,
         }
 
-    def save_checkpoint() -> Path | None:
-        """Every rank writes its state into a staging dir; rank 0 seals and renames it (orpo/checkpoint.py)."""
+    def save_checkpoint(stop_reason: str | None = None) -> Path:
+        """Every rank writes its state into a staging dir; rank 0 seals and renames it (orpo/checkpoint.py).
+        Returns the checkpoint's path (the same on every rank)."""
         if accelerator.is_main_process:
             clear_staging(out)
         accelerator.wait_for_everyone()
@@ -270,12 +272,15 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
         saved_state["progress"]["wall_seconds_before"] = summarize(False)["wall_seconds"]
         accelerator.save_state(str(staging_dir(out, progress_state.step)))
         accelerator.wait_for_everyone()
-        path = None
         if accelerator.is_main_process:
-            path = finalize(out, progress_state.step, saved_state, cfg.keep_last)
-            write_report(out, summarize(finished=False))
+            finalize(out, progress_state.step, saved_state, cfg.keep_last)
+            summary = summarize(finished=False)
+            if stop_reason:  # `accelerate launch` turns every failing exit into 1: say why here too
+                summary["stop_reason"] = stop_reason
+                summary["exit_code"] = EXIT_CODES[stop_reason]
+            write_report(out, summary)
         accelerator.wait_for_everyone()
-        return path
+        return checkpoints_dir(out) / f"step_{progress_state.step}"
 
     # ---- training
     p = progress_state
@@ -360,7 +365,7 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
         if eval_indices is not None and ((cfg.eval_steps and step % cfg.eval_steps == 0) or step == cfg.max_steps):
             p.final.update(prefixed("eval", run_eval(step)))
         if p.skipped_in_a_row >= cfg.max_skipped_steps:
-            path = save_checkpoint()
+            path = save_checkpoint("non_finite")
             accelerator.end_training()
             raise RunStopped(
                 f"{p.skipped_in_a_row} optimizer steps in a row had a non-finite loss or gradient (max_skipped_steps="
@@ -368,15 +373,14 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
                 "learning rate, check the data, or use bf16 instead of fp16.",
                 EXIT_NONFINITE,
             )
-        saved_now = cfg.save_steps and step % cfg.save_steps == 0 and step < cfg.max_steps
-        if saved_now:
-            save_checkpoint()
-        if stop.agreed(accelerator):
-            path = save_checkpoint() if not saved_now else None
+        stopping = stop.agreed(accelerator)
+        if stopping or (cfg.save_steps and step % cfg.save_steps == 0 and step < cfg.max_steps):
+            path = save_checkpoint("preempted" if stopping else None)
+        if stopping:
             accelerator.end_training()
             raise RunStopped(
-                f"signal {stop.signal} received: stopped after step {step} and saved "
-                f"{path or checkpoints_dir(out) / f'step_{step}'}; resume with resume_from=latest.",
+                f"a stop signal (SIGTERM/SIGUSR1) reached {'this rank' if stop.signal else 'another rank'}: "
+                f"stopped after step {step} and saved {path}; resume with resume_from=latest.",
                 EXIT_PREEMPTED,
             )
     progress.close()

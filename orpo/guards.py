@@ -22,6 +22,7 @@ from orpo.data import DataError, PreferenceSplit
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by SIGTERM/SIGUSR1 after a checkpoint; requeue and resume
 EXIT_NONFINITE = 76  # max_skipped_steps non-finite steps in a row; the last good state is checkpointed
+EXIT_CODES = {"preempted": EXIT_PREEMPTED, "non_finite": EXIT_NONFINITE}  # run_summary.json's stop_reason
 
 
 def is_finished_run(out: Path) -> bool:
@@ -45,12 +46,6 @@ def check_output_dir(cfg: TrainConfig) -> Path:
             f"{out} holds checkpoints of an unfinished run ({checkpoints_dir(out)}). Pass resume_from=latest to "
             "continue it, or overwrite=true to start over (which deletes them)."
         )
-    if cfg.overwrite and not cfg.resume_from and PartialState().is_main_process:
-        # Old event files would mix two runs' curves in TensorBoard; old checkpoints would be resumed.
-        for stale in ("tensorboard", "checkpoints"):
-            shutil.rmtree(out / stale, ignore_errors=True)
-        for stale in ("run_summary.json", "data_order.jsonl"):
-            (out / stale).unlink(missing_ok=True)
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / f".write_test.{os.getpid()}"
@@ -59,6 +54,12 @@ def check_output_dir(cfg: TrainConfig) -> Path:
     except OSError as err:
         reason = "its disk is full" if err.errno == errno.ENOSPC else "it is not writable"
         raise ConfigError(f"output_dir {str(out)!r} cannot be used: {reason} ({err}).") from err
+    if cfg.overwrite and not cfg.resume_from and PartialState().is_main_process:
+        # Old event files would mix two runs' curves in TensorBoard; old checkpoints would be resumed.
+        for stale in ("tensorboard", "checkpoints"):
+            shutil.rmtree(out / stale, ignore_errors=True)
+        for stale in ("run_summary.json", "data_order.jsonl"):
+            (out / stale).unlink(missing_ok=True)
     return out
 
 

@@ -8,12 +8,17 @@ Environment variables choose the fault:
     ORPO_KILL_IN=rename         SIGKILL after the manifest, just before the atomic rename
     ORPO_KILL_IN=prune          SIGKILL in the middle of deleting an old checkpoint
     ORPO_KILL_SAVE_NUMBER=n     which save the ORPO_KILL_IN fault hits (default 2)
+    ORPO_KILL_RANK=r            the ORPO_KILL_* faults hit this rank only (default: every rank)
     ORPO_INF_STEPS=3,4          make one gradient infinite during these steps ...
     ORPO_INF_RANK=1             ... on this rank only (default 0)
+and what is recorded or left out:
+    ORPO_WEIGHTS_DIGEST=dir     at the end, every rank writes dir/rank<r>.sha256: a digest of its final weights
+    ORPO_SKIP_PLOTS=1           no learning_curves.png (a second per checkpoint on the CPU; nothing here reads it)
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import sys
@@ -21,9 +26,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import accelerate  # noqa: E402
 import torch  # noqa: E402
 
 import orpo.checkpoint as checkpoint  # noqa: E402
+import orpo.report as report  # noqa: E402
 import train_orpo  # noqa: E402
 
 
@@ -33,26 +40,28 @@ def die() -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
+def rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
 def install() -> None:
     env = os.environ
     steps_started = {"n": 0}
     real_count = train_orpo.nll_token_count
+    kill_here = "ORPO_KILL_RANK" not in env or int(env["ORPO_KILL_RANK"]) == rank()
 
     def count_steps(*args, **kwargs):  # called once at the start of every optimizer step
         steps_started["n"] += 1
-        if "ORPO_KILL_AT_STEP" in env and steps_started["n"] == int(env["ORPO_KILL_AT_STEP"]) + 1:
+        if kill_here and "ORPO_KILL_AT_STEP" in env and steps_started["n"] == int(env["ORPO_KILL_AT_STEP"]) + 1:
             die()
         return real_count(*args, **kwargs)
 
     train_orpo.nll_token_count = count_steps
 
-    where, saves = env.get("ORPO_KILL_IN"), {"n": 0}
+    where, saves = env.get("ORPO_KILL_IN") if kill_here else None, {"n": 0}
     target = int(env.get("ORPO_KILL_SAVE_NUMBER", "2"))
-    real_manifest, real_replace, real_rmtree = (
-        checkpoint.write_manifest,
-        checkpoint.os.replace,
-        checkpoint.shutil.rmtree,
-    )
+    real_manifest, real_replace = checkpoint.write_manifest, checkpoint.os.replace
+    real_rmtree = checkpoint.shutil.rmtree
 
     def manifest(directory: Path):
         saves["n"] += 1
@@ -88,7 +97,7 @@ def install() -> None:
             return torch.full_like(grad, float("inf")) if steps_started["n"] in inf_steps else grad
 
         def forward(model, batch, *args, **kwargs):
-            if int(os.environ.get("RANK", "0")) == inf_rank and not hooked:
+            if rank() == inf_rank and not hooked:
                 param = next(p for p in model.parameters() if p.requires_grad)
                 param.register_hook(poison)  # this rank's gradient, before the all-reduce
                 hooked.add(True)
@@ -96,12 +105,37 @@ def install() -> None:
 
         train_orpo.forward_orpo = forward
 
+    if "ORPO_WEIGHTS_DIGEST" in env:
+        real_state_dict = accelerate.Accelerator.get_state_dict
+
+        def state_dict_and_digest(self, model, unwrap=True):  # every rank calls it once, at the end
+            digest = hashlib.sha256()
+            for name, tensor in sorted(self.unwrap_model(model).state_dict().items()):
+                digest.update(name.encode())
+                digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+            out = Path(env["ORPO_WEIGHTS_DIGEST"])
+            out.mkdir(parents=True, exist_ok=True)
+            (out / f"rank{rank()}.sha256").write_text(digest.hexdigest())
+            return real_state_dict(self, model, unwrap)
+
+        accelerate.Accelerator.get_state_dict = state_dict_and_digest
+
+    if env.get("ORPO_SKIP_PLOTS") == "1":
+        for module in (train_orpo, report):  # wherever the checkpoint's report looks it up
+            if hasattr(module, "write_learning_curves"):
+                module.write_learning_curves = lambda *args, **kwargs: None
+
 
 if __name__ == "__main__":
     install()
-    config = train_orpo.parse_args()
+    try:
+        config = train_orpo.parse_args()
+    except train_orpo.ConfigError as err:
+        sys.exit(f"config error: {err}")
     try:
         train_orpo.main(config)
+    except (train_orpo.ConfigError, train_orpo.DataError, train_orpo.CheckpointError) as err:
+        sys.exit(f"error: {err}")
     except train_orpo.RunStopped as err:
         print(f"stopped: {err}", file=sys.stderr)
         sys.exit(err.exit_code)
