@@ -164,6 +164,34 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
         eval_indices = np.sort(order[: cfg.eval_max_samples])
     eval_collator = PairCollator(tokenizer.pad_token_id, cfg.nll_on_prompt)
 
+    # ---- the checkpoint to resume from, verified before any model is loaded
+    progress_state = Progress()
+    resume_path = None
+    if cfg.resume_from:
+        found: list[Any] = [None, None]  # rank 0 verifies (hashing once), then tells every rank
+        if accelerator.is_main_process:
+            try:
+                found[0] = find_resume_checkpoint(out, cfg.resume_from)
+            except CheckpointError as err:
+                found[1] = str(err)
+        resume_path, error = broadcast_object_list(found)
+        if error:
+            raise CheckpointError(error)
+        if resume_path is None:
+            say("resume       resume_from=latest: no checkpoint yet, starting from step 0")
+    if resume_path is not None:
+        resume_path = Path(resume_path)
+        saved = read_trainer_state(resume_path)
+        if saved["resume_key"] != resume_key(cfg):
+            changed = {
+                k: (v, saved["resume_key"].get(k))
+                for k, v in resume_key(cfg).items()
+                if saved["resume_key"].get(k) != v
+            }
+            raise ConfigError(
+                f"Cannot resume {resume_path}: these settings changed since it was saved (now, then): {changed}."
+            )
+
     # ---- model, optimizer, schedule
     model, info = load_model(cfg, accelerator.device)
     optimizer = build_optimizer(cfg, model, offload=deepspeed_offloads_optimizer(accelerator))
@@ -191,32 +219,7 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
         "train_pairs": len(train_data),
         "eval_pairs": 0 if eval_indices is None else len(eval_indices),
     }
-    progress_state = Progress()
-    resume_path = None
-    if cfg.resume_from:
-        found: list[Any] = [None, None]  # rank 0 verifies (hashing once), then tells every rank
-        if accelerator.is_main_process:
-            try:
-                found[0] = find_resume_checkpoint(out, cfg.resume_from)
-            except CheckpointError as err:
-                found[1] = str(err)
-        resume_path, error = broadcast_object_list(found)
-        if error:
-            raise CheckpointError(error)
-        if resume_path is None:
-            say("resume       resume_from=latest: no checkpoint yet, starting from step 0")
     if resume_path is not None:
-        resume_path = Path(resume_path)
-        saved = read_trainer_state(resume_path)
-        if saved["resume_key"] != resume_key(cfg):
-            changed = {
-                k: (v, saved["resume_key"].get(k))
-                for k, v in resume_key(cfg).items()
-                if saved["resume_key"].get(k) != v
-            }
-            raise ConfigError(
-                f"Cannot resume {resume_path}: these settings changed since it was saved (now, then): {changed}."
-            )
         accelerator.load_state(str(resume_path))
         progress_state = Progress(**saved["progress"])
         for _ in range(progress_state.step):  # the data position: the same seeded batches, skipped
