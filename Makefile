@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv demo test lint train train-multigpu install-gpu tensorboard clean
+.PHONY: venv demo test lint train train-multigpu install-gpu tensorboard bench clean
 
 venv:
 	@if [ "$$(cat $(VENV)/.requirements.sha256 2>/dev/null)" != "$(REQ_HASH)" ]; then \
@@ -46,6 +46,16 @@ train-multigpu: venv
 # flash-attention 2 needs CUDA to build; without it the trainer uses SDPA.
 install-gpu: venv
 	$(PY) -m pip install flash-attn --no-build-isolation
+
+# This trainer against TRL's ORPO trainer (bench/README.md); TRL lives in its own .venv-bench.
+BENCH_HASH := $(shell cat requirements.txt requirements-bench.txt | sha256sum | cut -d' ' -f1)
+bench:
+	@if [ "$$(cat .venv-bench/.requirements.sha256 2>/dev/null)" != "$(BENCH_HASH)" ]; then \
+		rm -rf .venv-bench && $(PYTHON) -m venv .venv-bench && \
+		.venv-bench/bin/pip install --quiet --disable-pip-version-check -r requirements.txt -r requirements-bench.txt && \
+		echo "$(BENCH_HASH)" > .venv-bench/.requirements.sha256; \
+	fi
+	.venv-bench/bin/python bench/bench_orpo.py --cases cpu-32k,cpu-128k --repeats 2 --json-out runs/bench/latest.json
 
 # Serves the most recently written run under runs/ (RUN=runs/<name> picks one).
 RUN ?= $(patsubst %/,%,$(shell ls -td runs/*/ 2>/dev/null | head -n 1))
