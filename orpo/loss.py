@@ -137,14 +137,16 @@ def policy_logps(logits: torch.Tensor, labels: torch.Tensor, nll_labels: torch.T
     """
     targets = labels[:, 1:]
     response = targets != -100
-    logps = token_logps(logits[:, :-1], torch.where(response, targets, 0))
-    means = (logps * response).sum(-1) / response.sum(-1).clamp(min=1)
     pairs = nll_labels.shape[0]
     nll_targets = nll_labels[:, 1:]
     nll_mask = nll_targets != -100
-    if torch.equal(nll_labels, labels[:pairs]):
-        chosen_token_logps = logps[:pairs]
-    else:  # nll_on_prompt: prompt tokens are scored too
-        chosen_token_logps = token_logps(logits[:pairs, :-1], torch.where(nll_mask, nll_targets, 0))
-    nll_sum = -(chosen_token_logps * nll_mask).sum()
+    # Where both score a chosen position they name the same token (the input's next token), so the
+    # union of the two target sets needs one log-softmax, also with nll_on_prompt's prompt tokens.
+    scored = response.clone()
+    scored[:pairs] |= nll_mask
+    union = targets.clone()
+    union[:pairs] = torch.where(nll_mask, nll_targets, targets[:pairs])
+    logps = token_logps(logits[:, :-1], torch.where(scored, union, 0))
+    means = (logps * response).sum(-1) / response.sum(-1).clamp(min=1)
+    nll_sum = -(logps[:pairs] * nll_mask).sum()
     return PolicyLogps(means[:pairs], means[pairs:], nll_sum)
