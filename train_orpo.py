@@ -46,7 +46,7 @@ from orpo.checkpoint import (
 from orpo.collator import PackedPairCollator, PairCollator
 from orpo.config import BatchPlan, ConfigError, TrainConfig, load_config, plan_batches, to_dict
 from orpo.data import DataError, PreferenceSplit, describe_skipped, load_split, nll_token_count
-from orpo.distributed import configure_deepspeed, deepspeed_offloads_optimizer, init_processes
+from orpo.distributed import check_engine_agrees, configure_deepspeed, deepspeed_offloads_optimizer, init_processes
 from orpo.forward import evaluate, forward_orpo, resolve_head, to_device
 from orpo.guards import (
     EXIT_CODES,
@@ -57,6 +57,7 @@ from orpo.guards import (
     check_output_dir,
     check_skipped_fraction,
     check_trackers,
+    poison_if_non_finite,
 )
 from orpo.metrics import FlopsModel, MetricSums, device_peak_tflops, mean_of, peak_memory_gb, prefixed
 from orpo.model import ModelInfo, load_model, load_tokenizer, resolve_mixed_precision, save_trained
@@ -316,7 +317,7 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
             )
             with accelerator.accumulate(model):  # autocast comes with accelerator.prepare(model)
                 share = forward_orpo(model, batch, cfg.orpo_lambda, num_nll_tokens, plan.global_batch, sums, head)
-                accelerator.backward(share.loss * scale)
+                accelerator.backward(poison_if_non_finite(share.loss) * scale)
         assert accelerator.sync_gradients, "the last micro-batch of a step must synchronise gradients"
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or math.inf)
         grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
@@ -324,8 +325,10 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
         lr = scheduler.get_last_lr()[0]
         # The loss is reduced over ranks and the norm is of the synchronised gradient: every rank
         # takes the same decision. fp16's scaler must see an overflow to lower its scale (it skips
-        # that update itself).
+        # that update itself). Under DeepSpeed the engine has already skipped it (a non-finite loss
+        # was backpropagated as NaN gradients) and optimizer.step/scheduler.step are no-ops.
         finite = math.isfinite(metrics["loss"]) and math.isfinite(grad_norm)
+        check_engine_agrees(accelerator, finite, step)
         if finite or accelerator.scaler is not None:
             optimizer.step()
         if finite:

@@ -57,9 +57,35 @@ def configure_deepspeed(accelerator: Accelerator, cfg: TrainConfig, plan: BatchP
                 f'set it to "auto" in the DeepSpeed JSON and choose it in the recipe.'
             )
         ds[key] = value
+    stage = ds.get("zero_optimization", {}).get("stage", 0)
+    if stage not in (1, 2, 3):
+        raise ConfigError(
+            f"The DeepSpeed config has zero_optimization.stage={stage!r}; expected 1, 2 or 3. Stage 0 is plain "
+            "data parallelism (and its engine applies non-finite updates): use accelerate_configs/ddp.yaml."
+        )
+    if isinstance(ds.get("bf16"), dict) and ds["bf16"].get("check_grad_overflow", True) is False:
+        raise ConfigError(
+            "The DeepSpeed config sets bf16.check_grad_overflow=false; remove it: the engine must skip a step "
+            "whose gradient is not finite, which is how the non-finite guard (max_skipped_steps) skips it."
+        )
     for section in ("optimizer", "scheduler"):
         if section in ds:
             raise ConfigError(
                 f"The DeepSpeed config has an {section!r} section; remove it: the recipe's optim and "
                 "lr_scheduler are used under DeepSpeed too."
             )
+
+
+def check_engine_agrees(accelerator: Accelerator, finite: bool, step: int) -> None:
+    """Under DeepSpeed the engine has already taken (or skipped) the step inside backward, deciding
+    on its own gradient norm; the loop's decision, from the reduced loss and that norm, must be
+    the same, or the skipped-step count (and the schedule) would not describe what was applied."""
+    wrapped = getattr(accelerator, "deepspeed_engine_wrapped", None)  # set by prepare() under DeepSpeed
+    if wrapped is None:
+        return
+    applied = wrapped.engine.was_step_applied()
+    if applied != finite:
+        raise RuntimeError(
+            f"step {step}: the DeepSpeed engine {'applied' if applied else 'skipped'} the update but the "
+            f"loss and gradient norm say it should be {'applied' if finite else 'skipped'}."
+        )

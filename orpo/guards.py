@@ -107,6 +107,19 @@ class StopRequest:
         return bool(flag.item())
 
 
+def poison_if_non_finite(loss: torch.Tensor) -> torch.Tensor:
+    """The loss to backpropagate: itself when finite, else one whose every gradient is NaN.
+
+    A non-finite loss does not always give a non-finite gradient (a NaN that no parameter feeds
+    backpropagates as 1). Under DeepSpeed the engine steps inside backward and skips only when the
+    gradient norm is not finite, and a NaN gradient on one rank reaches every rank through the
+    gradient reduction: so every rank skips that update, with no extra collective and no host sync.
+    Multiplying by 1.0 leaves a finite loss's gradients bit for bit unchanged.
+    """
+    factor = torch.where(torch.isfinite(loss.detach()), 1.0, float("nan"))
+    return loss * factor
+
+
 class RunStopped(Exception):
     """The run stopped early after saving a checkpoint; `exit_code` says why."""
 

@@ -10,9 +10,12 @@ Environment variables choose the fault:
     ORPO_KILL_SAVE_NUMBER=n     which save the ORPO_KILL_IN fault hits (default 2)
     ORPO_KILL_RANK=r            the ORPO_KILL_* faults hit this rank only (default: every rank)
     ORPO_INF_STEPS=3,4          make one gradient infinite during these steps ...
-    ORPO_INF_RANK=1             ... on this rank only (default 0)
+    ORPO_NAN_LOSS_STEPS=3       add NaN to the backpropagated loss during these steps (its gradients stay finite) ...
+    ORPO_INF_RANK=1             ... on this rank only (default 0), for both faults above
 and what is recorded or left out:
     ORPO_WEIGHTS_DIGEST=dir     at the end, every rank writes dir/rank<r>.sha256: a digest of its final weights
+    ORPO_STEP_DIGESTS=dir       at the start of step n+1, every rank writes dir/rank<r>-step<n>.sha256: a digest
+                                of its own parameter storage (its shard under ZeRO-3) after step n
     ORPO_SKIP_PLOTS=1           no learning_curves.png (a second per checkpoint on the CPU; nothing here reads it)
 """
 
@@ -86,24 +89,44 @@ def install() -> None:
 
     checkpoint.write_manifest, checkpoint.os.replace, checkpoint.shutil.rmtree = manifest, replace, rmtree
 
-    if "ORPO_INF_STEPS" in env:
-        inf_steps = {int(s) for s in env["ORPO_INF_STEPS"].split(",")}
-        inf_rank = int(env.get("ORPO_INF_RANK", "0"))
-        real_forward = train_orpo.forward_orpo
-
-        hooked = set()
+    inf_steps = {int(s) for s in env["ORPO_INF_STEPS"].split(",")} if "ORPO_INF_STEPS" in env else set()
+    nan_loss_steps = {int(s) for s in env["ORPO_NAN_LOSS_STEPS"].split(",")} if "ORPO_NAN_LOSS_STEPS" in env else set()
+    faulty_rank = int(env.get("ORPO_INF_RANK", "0"))
+    step_digests = Path(env["ORPO_STEP_DIGESTS"]) if "ORPO_STEP_DIGESTS" in env else None
+    if inf_steps or nan_loss_steps or step_digests:
+        real_forward, seen = train_orpo.forward_orpo, {}
 
         def poison(grad: torch.Tensor) -> torch.Tensor:
             return torch.full_like(grad, float("inf")) if steps_started["n"] in inf_steps else grad
 
         def forward(model, batch, *args, **kwargs):
-            if rank() == inf_rank and not hooked:
-                param = next(p for p in model.parameters() if p.requires_grad)
-                param.register_hook(poison)  # this rank's gradient, before the all-reduce
-                hooked.add(True)
-            return real_forward(model, batch, *args, **kwargs)
+            if "model" not in seen:
+                seen["model"] = model
+                if rank() == faulty_rank and inf_steps:
+                    param = next(p for p in model.parameters() if p.requires_grad)
+                    param.register_hook(poison)  # this rank's gradient, before the all-reduce
+            out = real_forward(model, batch, *args, **kwargs)
+            if rank() == faulty_rank and steps_started["n"] in nan_loss_steps:
+                out = out._replace(loss=out.loss + float("nan"))  # the loss only: its gradients stay finite
+            return out
 
         train_orpo.forward_orpo = forward
+
+    if step_digests:
+        counted = train_orpo.nll_token_count
+
+        def digest_then_count(*args, **kwargs):  # at the start of step n+1: the weights after step n
+            if "model" in seen:
+                digest = hashlib.sha256()
+                for param in seen["model"].parameters():  # this rank's own storage (its shard under ZeRO-3)
+                    own = getattr(param, "ds_tensor", param).detach()
+                    digest.update(own.cpu().contiguous().view(torch.uint8).numpy().tobytes())
+                step_digests.mkdir(parents=True, exist_ok=True)
+                done = steps_started["n"]
+                (step_digests / f"rank{rank()}-step{done}.sha256").write_text(digest.hexdigest())
+            return counted(*args, **kwargs)
+
+        train_orpo.nll_token_count = digest_then_count
 
     if "ORPO_WEIGHTS_DIGEST" in env:
         real_state_dict = accelerate.Accelerator.get_state_dict

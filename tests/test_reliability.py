@@ -455,9 +455,32 @@ def test_truncated_checkpoint_file_is_refused_by_name_and_latest_falls_back(
 # ---- 6. non-finite steps under DDP ----------------------------------------------------------------
 
 
-def test_non_finite_step_on_one_rank_is_skipped_on_every_rank(setup: Setup, tmp_path: Path) -> None:
-    """An infinite gradient on rank 1 at step 3 (before the all-reduce): both ranks skip that update,
-    so the learning rate does not advance, the run goes on, and both end with the same weights."""
+def step_digests(directory: Path) -> dict[int, set[str]]:
+    """Step -> the digests the ranks wrote of their own parameter storage after that step."""
+    found: dict[int, set[str]] = {}
+    for path in directory.glob("rank*-step*.sha256"):
+        found.setdefault(int(path.stem.split("-step")[1]), set()).add(f"{path.name[:5]}:{path.read_text()}")
+    return found
+
+
+@pytest.mark.parametrize(
+    ("backend", "fault"),
+    [
+        ("ddp", "ORPO_INF_STEPS"),
+        ("zero2", "ORPO_INF_STEPS"),
+        ("zero3", "ORPO_INF_STEPS"),
+        ("zero2", "ORPO_NAN_LOSS_STEPS"),
+    ],
+    ids=["ddp-inf-grad", "zero2-inf-grad", "zero3-inf-grad", "zero2-nan-loss-only"],
+)
+def test_non_finite_step_on_one_rank_is_skipped_on_every_rank(
+    setup: Setup, tmp_path: Path, backend: str, fault: str
+) -> None:
+    """A fault on rank 1 at step 3: an infinite gradient (before the all-reduce or reduce-scatter), or
+    a NaN added to the backpropagated loss only (its gradients stay finite). Both ranks skip that
+    update: no parameter of either rank changes at step 3, the learning rate does not advance, the
+    run goes on, and both end with the same weights. Under DeepSpeed the engine steps inside
+    backward, deciding on its own gradient norm: it must skip the same update."""
     out = tmp_path / "run"
     done = attempt(
         setup,
@@ -465,15 +488,24 @@ def test_non_finite_step_on_one_rank_is_skipped_on_every_rank(setup: Setup, tmp_
         *TWO_PROCESSES,
         "max_steps=5",
         "save_steps=0",
-        faults={"ORPO_INF_STEPS": "3", "ORPO_INF_RANK": "1", "ORPO_WEIGHTS_DIGEST": str(tmp_path / "digests")},
-        launcher=launcher("ddp"),
+        faults={
+            fault: "3",
+            "ORPO_INF_RANK": "1",
+            "ORPO_WEIGHTS_DIGEST": str(tmp_path / "digests"),
+            "ORPO_STEP_DIGESTS": str(tmp_path / "steps"),
+        },
+        launcher=launcher(backend),
     )
     assert done.returncode == 0 and "x 2 processes" in done.stdout, done.tail()
-    assert "step 3: non-finite loss" in done.stdout and "grad norm inf: update skipped" in done.stdout
+    assert re.search(r"step 3: non-finite loss \S+ or grad norm (inf|nan): update skipped", done.stdout), done.tail()
     assert summary(out)["finished"] is True and summary(out)["skipped_steps"] == 1
     assert logged(out, "train/skipped_steps") == {1: 0, 2: 0, 3: 1, 4: 1, 5: 1}
-    assert math.isinf(logged(out, "train/grad_norm")[3])
+    assert not math.isfinite(logged(out, "train/grad_norm")[3])
     assert all(math.isfinite(v) for v in logged(out, "train/loss").values())
+    after = step_digests(tmp_path / "steps")
+    assert sorted(after) == [1, 2, 3, 4] and all(len(after[s]) == 2 for s in after), after
+    assert after[3] == after[2], "the skipped step changed a parameter"
+    assert after[4] != after[3] and after[2] != after[1], "an applied step left the parameters alone"
     # The schedule steps only on applied updates: step 4 runs at step 3's learning rate.
     cfg = load_config(TINY_CONFIG, ["max_steps=5"])
     warmup = math.ceil(cfg.warmup_ratio * cfg.max_steps)
