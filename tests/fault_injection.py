@@ -8,6 +8,7 @@ Environment variables choose the fault:
     ORPO_KILL_IN=rename         SIGKILL after the manifest, just before the atomic rename
     ORPO_KILL_IN=prune          SIGKILL in the middle of deleting an old checkpoint
     ORPO_KILL_SAVE_NUMBER=n     which save the ORPO_KILL_IN fault hits (default 2)
+    ORPO_SIGTERM_WHILE_SAVING=1 once a stop signal came, SIGTERM again while sealing its checkpoint (no manifest yet)
     ORPO_KILL_RANK=r            the ORPO_KILL_* faults hit this rank only (default: every rank)
     ORPO_INF_STEPS=3,4          make one gradient infinite during these steps ...
     ORPO_NAN_LOSS_STEPS=3       add NaN to the backpropagated loss during these steps (its gradients stay finite) ...
@@ -66,8 +67,15 @@ def install() -> None:
     real_manifest, real_replace = checkpoint.write_manifest, checkpoint.os.replace
     real_rmtree = checkpoint.shutil.rmtree
 
+    def stopping() -> bool:  # the trainer's SIGTERM handler (a StopRequest) has recorded a signal
+        handler = signal.getsignal(signal.SIGTERM)
+        return getattr(getattr(handler, "__self__", None), "signal", None) is not None
+
     def manifest(directory: Path):
         saves["n"] += 1
+        if env.get("ORPO_SIGTERM_WHILE_SAVING") == "1" and stopping():  # every file written, no manifest yet
+            print(f"fault: SIGTERM while sealing {directory.name}", file=sys.stderr, flush=True)
+            os.kill(os.getpid(), signal.SIGTERM)
         if where == "manifest" and saves["n"] == target:
             biggest = max((p for p in directory.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
             biggest.write_bytes(biggest.read_bytes()[: biggest.stat().st_size // 2])
