@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, set_seed
 from tqdm.auto import tqdm
@@ -46,7 +47,14 @@ from orpo.checkpoint import (
 from orpo.collator import PackedPairCollator, PairCollator
 from orpo.config import BatchPlan, ConfigError, TrainConfig, load_config, plan_batches, to_dict
 from orpo.data import DataError, PreferenceSplit, describe_skipped, load_split, nll_token_count
-from orpo.distributed import check_engine_agrees, configure_deepspeed, deepspeed_offloads_optimizer, init_processes
+from orpo.distributed import (
+    check_engine_agrees,
+    compile_plugin,
+    compiled_regions,
+    configure_deepspeed,
+    deepspeed_offloads_optimizer,
+    init_processes,
+)
 from orpo.forward import evaluate, forward_orpo, resolve_head, to_device
 from orpo.guards import (
     EXIT_CODES,
@@ -142,6 +150,7 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
         mixed_precision=resolve_mixed_precision(cfg),
         log_with=cfg.report_to,
         project_dir=str(out),
+        dynamo_plugin=compile_plugin(cfg),
     )
     configure_deepspeed(accelerator, cfg, plan)
     say = accelerator.print
@@ -207,7 +216,9 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
 
     say("\n".join(plan_lines(cfg, plan, info, accelerator.mixed_precision, train_data, eval_indices)))
     layout = "padding-free (packed rows)" if packing else "padded to each micro-batch's longest"
-    say(f"forward      {layout}{', grouped by length' if cfg.group_by_length else ''}; {head_note}")
+    compiled = compiled_regions(model)
+    compile_note = f"; {compiled} regions compiled (torch.compile)" if compiled else ""
+    say(f"forward      {layout}{', grouped by length' if cfg.group_by_length else ''}; {head_note}{compile_note}")
     plan_record = {
         **dataclasses.asdict(plan),
         "processes": accelerator.num_processes,
@@ -215,6 +226,7 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
         "trainable_params": info.trainable_params,
         "total_params": info.total_params,
         "attention": info.attention,
+        "compiled_regions": compiled,
         "dtype": str(info.dtype),
         "mixed_precision": accelerator.mixed_precision,
         "train_pairs": len(train_data),
@@ -245,7 +257,8 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
             model, accelerator, eval_data, eval_indices, eval_collator, cfg.eval_batch_size, cfg.orpo_lambda, head
         )
         accelerator.log(prefixed("eval", metrics), step=step)
-        log_samples(accelerator, model, tokenizer, prompts, cfg.sample_max_new_tokens, step)
+        with torch.compiler.set_stance("force_eager"):  # a growing KV cache would recompile the layers
+            log_samples(accelerator, model, tokenizer, prompts, cfg.sample_max_new_tokens, step)
         say(
             f"eval @ {step}: loss {metrics['loss']:.4f}, rewards/accuracies {metrics['rewards/accuracies']:.3f}, "
             f"margins {metrics['rewards/margins']:.4f}"

@@ -74,6 +74,11 @@ class TrainConfig:
     group_by_length: bool = True
     """Order the pairs of each global batch by length so micro-batches hold similar lengths (less
     padding). The step's pairs, and so its gradient, are the same as without it."""
+    torch_compile: bool = False
+    """torch.compile the model by regions (accelerate's regional compilation: the decoder layers
+    share one compiled graph; the embedding, final norm and head are compiled apart), inductor,
+    dynamic shapes. Costs compile time at the start, changes float rounding slightly; sample
+    generation stays eager. Off by default: on the CPU it was measured slower (bench/RESULTS.md)."""
     chat_template: str | None = None
     """Jinja chat template to use; None keeps the tokenizer's, and a tokenizer without one gets
     the Zephyr template (`<|user|>` / `<|assistant|>` turns ended by EOS), as the recipe used."""

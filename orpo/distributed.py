@@ -7,6 +7,7 @@ import os
 
 import torch
 from accelerate import Accelerator, PartialState
+from accelerate.utils import TorchDynamoPlugin
 
 from orpo.config import BatchPlan, ConfigError, TrainConfig
 
@@ -24,6 +25,23 @@ def init_processes() -> tuple[PartialState, bool]:
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
         return PartialState(backend="gloo"), False
     return PartialState(cpu=True, backend="gloo"), True
+
+
+def compile_plugin(cfg: TrainConfig) -> TorchDynamoPlugin | None:
+    """torch_compile: regional compilation of the decoder layers with dynamic shapes (every micro-batch
+    has its own length); accelerate applies it in prepare(), after DDP or DeepSpeed wrapping. None
+    leaves accelerate's own setting (the accelerate config's dynamo section) in charge."""
+    if not cfg.torch_compile:
+        return None
+    return TorchDynamoPlugin(backend="inductor", use_regional_compilation=True, dynamic=True)
+
+
+def compiled_regions(model: torch.nn.Module) -> int:
+    """How many modules torch.compile wraps (a wrapper, or compiled in place under DeepSpeed)."""
+    return sum(
+        isinstance(m, torch._dynamo.eval_frame.OptimizedModule) or getattr(m, "_compiled_call_impl", None) is not None
+        for m in model.modules()
+    )
 
 
 def deepspeed_offloads_optimizer(accelerator: Accelerator) -> bool:

@@ -294,16 +294,20 @@ def test_demo_assets_are_shipped() -> None:
         ("chunked_head=false",),
         ("group_by_length=false",),
         ("padding_free=true", "chunked_head=false", "nll_on_prompt=true"),
+        ("torch_compile=true",),
     ],
-    ids=["packed", "full_logits", "shuffled_order", "packed_full_logits_nll_on_prompt"],
+    ids=["packed", "full_logits", "shuffled_order", "packed_full_logits_nll_on_prompt", "compiled_layers"],
 )
 def test_forward_paths_give_the_same_steps(tmp_path: Path, variant: tuple[str, ...]) -> None:
-    """Packing, the chunked head and length grouping change how the work is done, never the result:
-    the same losses and gradient norms step by step as the default (padded, chunked head, grouped)."""
+    """Packing, the chunked head, length grouping and compiled layers change how the work is done,
+    never the result: the same losses and gradient norms step by step as the default (padded,
+    chunked head, grouped, eager)."""
     common = ("max_steps=3", "logging_steps=1", "eval_split=null", "global_batch_size=16", "per_device_batch_size=4")
     nll = tuple(v for v in variant if v.startswith("nll_on_prompt"))
-    run(tmp_path / "ref", *common, *nll)
-    run(tmp_path / "got", *common, *variant)
+    assert run(tmp_path / "ref", *common, *nll)["plan"]["compiled_regions"] == 0
+    compiled = run(tmp_path / "got", *common, *variant)["plan"]["compiled_regions"]
+    # 2 decoder layers, the embedding, the final norm, the rotary embedding and the head
+    assert compiled == (6 if "torch_compile=true" in variant else 0)
     for tag in ("train/loss", "train/nll_loss", "train/or_loss", "train/grad_norm", "train/logps/rejected"):
         got, want = _scalars(tmp_path / "got", tag), _scalars(tmp_path / "ref", tag)
         assert [s for s, _ in got] == [1, 2, 3]
