@@ -32,14 +32,18 @@ import torch
 from orpo.collator import IGNORE_INDEX
 from orpo.loss import PolicyLogps, token_logps
 
-# One chunk's float32 logits take chunk x V x 4 bytes; backward holds about two such buffers.
-DEFAULT_CHUNK_BYTES = 256 * 2**20
+# One chunk's float32 logits take chunk x V x 4 bytes; forward and backward each hold one such buffer.
+# More rows than CHUNK_POSITIONS buy no speed (the [rows, H] @ [H, V] matmul already runs at full rate:
+# bench/RESULTS.md), so a chunk holds that many, or fewer where they would exceed MAX_CHUNK_BYTES.
+CHUNK_POSITIONS = 512
+MAX_CHUNK_BYTES = 256 * 2**20
 _HALF = (torch.float16, torch.bfloat16)
 
 
-def default_chunk_size(vocab_size: int, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> int:
-    """Positions per chunk so that one chunk's float32 logits fit `chunk_bytes` (2,097 for V=32,000)."""
-    return max(1, chunk_bytes // (4 * vocab_size))
+def default_chunk_size(vocab_size: int, positions: int = CHUNK_POSITIONS, max_bytes: int = MAX_CHUNK_BYTES) -> int:
+    """`positions`, or fewer where their float32 logits would exceed `max_bytes` (512 for V=32,000
+    and V=128,256: 65 MB and 263 MB; 262 for V=256,000)."""
+    return max(1, min(positions, max_bytes // (4 * vocab_size)))
 
 
 # ---- the chunked head ----------------------------------------------------------------------------
@@ -71,6 +75,14 @@ def _chunk_logits(
     return logits if bias is None else logits.add_(bias)
 
 
+def _logsumexp_(logits: torch.Tensor) -> torch.Tensor:
+    """torch.logsumexp(logits, -1) by the same steps, but overwriting `logits` with exp(logits - max):
+    torch.logsumexp allocates another [c, V] buffer for exp(logits - max)."""
+    maxes = logits.amax(dim=-1, keepdim=True)
+    maxes.masked_fill_(maxes.abs() == float("inf"), 0)  # as torch.logsumexp: rows of -inf give -inf, not NaN
+    return logits.sub_(maxes).exp_().sum(-1).log_().add_(maxes.squeeze(-1))
+
+
 class _ChunkedTokenLogps(torch.autograd.Function):
     @staticmethod
     def forward(
@@ -91,8 +103,10 @@ class _ChunkedTokenLogps(torch.autograd.Function):
             for start in range(0, hidden.shape[0], chunk_size):
                 end = start + chunk_size
                 logits = _chunk_logits(hidden[start:end], weight_t, bias_out, p)
-                lse[start:end] = torch.logsumexp(logits, dim=-1)
-                logps[start:end] = logits.gather(1, targets[start:end, None]).squeeze(1) - lse[start:end]
+                target_logits = logits.gather(1, targets[start:end, None]).squeeze(1)
+                lse[start:end] = _logsumexp_(logits)  # one [c, V] buffer: logits, then overwritten in place
+                logps[start:end] = target_logits - lse[start:end]
+                del logits  # free this chunk's buffer before the next one is allocated
         ctx.save_for_backward(hidden, weight, bias, targets, lse)
         ctx.chunk_size, ctx.precision = chunk_size, p
         return logps
@@ -124,6 +138,7 @@ class _ChunkedTokenLogps(torch.autograd.Function):
                     grad_weight += _matmul(dlogits.t().to(p.operand), h, p)
                 if need_bias:
                     grad_bias += dlogits.sum(0)
+                del dlogits  # free this chunk's buffer before the next one is allocated
         return (
             grad_hidden,
             None if grad_weight is None else grad_weight.to(weight.dtype),
@@ -149,15 +164,16 @@ def chunked_token_logps(
         weight: [V, H] the LM head's weight; no gradient is computed for it when it does not require one.
         targets: [N] token ids in [0, V).
         bias: optional [V].
-        chunk_size: positions per chunk; default from DEFAULT_CHUNK_BYTES (see `default_chunk_size`).
+        chunk_size: positions per chunk; default `default_chunk_size(V)`.
         matmul_dtype: None (default) computes the logits from float32 copies of the operands, so
             bf16/fp16 inputs give exactly the float32 products of their values. torch.bfloat16 (or
             fp16) casts the operands, and the gradient of the logits on the way back, to it, with
             float32 accumulation and output: the speed of the unfused head under autocast, without
             its bf16 logits.
 
-    Returns [N] log-probs in float32 (float64 for float64 inputs). Peak extra memory is about two
-    [chunk, V] float32 buffers, plus one [V, H] copy of the weight when it must be cast.
+    Returns [N] log-probs in float32 (float64 for float64 inputs). Peak extra memory is one [chunk, V]
+    float32 buffer (plus its cast copy with `matmul_dtype`), the [V, H] weight gradient, and one [V, H]
+    copy of the weight when it must be cast.
     """
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(

@@ -253,10 +253,39 @@ def test_no_positions_by_vocab_tensor_is_ever_allocated() -> None:
     assert record(fused=False).largest() >= scored * 2000
 
 
-def test_default_chunk_size_follows_a_byte_budget() -> None:
-    assert default_chunk_size(32_000) == 256 * 2**20 // (4 * 32_000) == 2097
-    assert default_chunk_size(128_256) == 523
+def test_default_chunk_size_is_a_row_count_under_a_byte_cap() -> None:
+    assert default_chunk_size(32_000) == 512
+    assert default_chunk_size(128_256) == 512  # 263 MB of logits, under the 256 MiB cap
+    assert default_chunk_size(256_000) == 256 * 2**20 // (4 * 256_000) == 262
     assert default_chunk_size(10**12) == 1
+
+
+def profiled_peak_bytes(fn: Callable[[], Any]) -> int:
+    """Peak of the CPU bytes allocated and not yet freed while fn runs, from the profiler's memory events."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted(
+        (e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns()
+    )
+    live = peak = 0
+    for event in events:
+        live += event.nbytes()  # negative for a free
+        peak = max(peak, live)
+    return peak
+
+
+def test_one_chunk_of_logits_is_alive_at_a_time() -> None:
+    """Forward + backward hold one [chunk, V] float32 buffer at a time (logsumexp works in place; each
+    chunk's buffer is freed before the next is made), besides the [V, H] weight gradient. Two buffers
+    (what torch.logsumexp's temporary would add) break the bound."""
+    n, h, v, chunk = 100, 8, 2000, 16
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(n, h, generator=gen, requires_grad=True)
+    weight = torch.randn(v, h, generator=gen, requires_grad=True)
+    targets = torch.randint(0, v, (n,), generator=gen)
+    peak = profiled_peak_bytes(lambda: chunked_token_logps(hidden, weight, targets, chunk_size=chunk).sum().backward())
+    buffer, grad_weight, small = chunk * v * 4, v * h * 4, 16 * n * (h + 8)
+    assert buffer + grad_weight <= peak <= buffer + grad_weight + small, (peak, buffer)
 
 
 # ---- 4. on a real model: how the loop gets hidden states and the head ----------------------------
