@@ -226,6 +226,7 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
         "trainable_params": info.trainable_params,
         "total_params": info.total_params,
         "attention": info.attention,
+        "head": head_note,
         "compiled_regions": compiled,
         "dtype": str(info.dtype),
         "mixed_precision": accelerator.mixed_precision,

@@ -69,8 +69,9 @@ class TrainConfig:
     a [L, L] mask over the packed row and does more work than padding does)."""
     chunked_head: bool = True
     """Compute response log-probs chunk by chunk from the last hidden states and the LM head, only
-    at the positions the loss scores, never building [tokens, vocab] logits. Falls back to full
-    logits (with a note) where the head is not a plain linear layer or is sharded by ZeRO-3."""
+    at the positions the loss scores, never building [tokens, vocab] logits. A LoRA head or a ZeRO-3
+    partitioned one is called chunk by chunk; models that post-process their logits (softcapping)
+    fall back to full logits, with a note in the plan."""
     group_by_length: bool = True
     """Order the pairs of each global batch by length so micro-batches hold similar lengths (less
     padding). The step's pairs, and so its gradient, are the same as without it."""

@@ -12,17 +12,19 @@ from accelerate import Accelerator
 from orpo.collator import PairCollator
 from orpo.config import TrainConfig
 from orpo.data import PreferenceSplit
-from orpo.logprobs import output_projection, packed_policy_logps, policy_logps_from_hidden
+from orpo.logprobs import head_module, output_projection, packed_policy_logps, policy_logps_from_hidden
 from orpo.loss import ORPOLoss, PolicyLogps, orpo_loss, policy_logps
 from orpo.metrics import MetricSums
 
 
 class LMHead(NamedTuple):
-    """The LM head as the chunked log-prob path reads it (orpo/logprobs.py)."""
+    """The LM head as the chunked log-prob path reads it (orpo/logprobs.py): its weight and bias, or
+    (weight None) the module to call chunk by chunk."""
 
-    weight: torch.Tensor
+    weight: torch.Tensor | None
     bias: torch.Tensor | None
     matmul_dtype: torch.dtype | None
+    module: torch.nn.Module | None = None
 
 
 def policy_forward(model: torch.nn.Module, batch: dict[str, torch.Tensor], head: LMHead | None) -> PolicyLogps:
@@ -55,6 +57,7 @@ def policy_forward(model: torch.nn.Module, batch: dict[str, torch.Tensor], head:
         head.bias,
         seq_lens=seq_lens,
         matmul_dtype=head.matmul_dtype,
+        module=head.module,
     )
 
 
@@ -86,10 +89,16 @@ def resolve_head(cfg: TrainConfig, model: torch.nn.Module, mixed_precision: str)
     if not cfg.chunked_head:
         return None, "full logits (chunked_head=false)"
     try:
-        weight, bias = output_projection(model)
+        module = head_module(model)
     except ValueError as err:
         return None, f"full logits: {err}"
     matmul_dtype = torch.bfloat16 if mixed_precision == "bf16" else None
+    try:
+        weight, bias = output_projection(model)
+    except ValueError:  # a LoRA, modules_to_save or 4-bit head, or any head under ZeRO-3: call it
+        kind = "ZeRO-3-partitioned" if hasattr(module.weight, "ds_id") else type(module).__name__
+        note = f"chunked log-prob head, calling the {kind} head chunk by chunk (no [tokens, vocab] logits)"
+        return LMHead(None, None, matmul_dtype, module), note
     return LMHead(weight, bias, matmul_dtype), "chunked log-prob head (no [tokens, vocab] logits)"
 
 

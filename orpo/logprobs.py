@@ -18,9 +18,10 @@ and 16k tokens that is ~2 GB per copy. ORPO only needs log P(target) at the posi
      as `orpo.loss.policy_logps`, so the two paths are interchangeable.
 
 Valid only for models whose logits are exactly `lm_head(last_hidden_state)` (Llama, Mistral, Qwen2,
-...): `output_projection` refuses heads it cannot reproduce (softcapped or scaled logits, a LoRA or
-4-bit head). Under DeepSpeed ZeRO-3 the head's weight is partitioned outside its module's forward;
-use the unfused path there.
+...; `head_module` refuses softcapped or scaled logits). A head whose weight cannot be read as a
+plain matrix outside its forward (a LoRA or 4-bit head; under DeepSpeed ZeRO-3 every head, its
+weight partitioned) goes through `module_token_logps` instead: the same chunks, each a call of the
+head module under activation checkpointing.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 import torch
+import torch.utils.checkpoint
 
 from orpo.collator import IGNORE_INDEX
 from orpo.loss import PolicyLogps, token_logps
@@ -186,6 +188,46 @@ def chunked_token_logps(
     return _ChunkedTokenLogps.apply(hidden, weight, bias, targets.long(), chunk, matmul_dtype)
 
 
+def _module_chunk_logps(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    logits = head(hidden).float()  # autograd runs through this one: no in-place log-sum-exp
+    return logits.gather(1, targets[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
+
+
+def module_token_logps(
+    head: torch.nn.Module,
+    hidden: torch.Tensor,
+    targets: torch.Tensor,
+    chunk_size: int | None = None,
+    matmul_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """`chunked_token_logps` for a head that must be called as a module: one whose weight is whole only
+    inside its own forward (DeepSpeed ZeRO-3 gathers it there), a LoRA or modules_to_save head, a
+    4-bit head. Each chunk calls the module under activation checkpointing, so its logits are freed
+    after the forward and recomputed in backward by calling the module again (which gathers a ZeRO-3
+    weight again; dropout draws the same mask); the head's own autograd gives its gradients. The
+    reentrant variant: with a frozen ZeRO-3 head, the non-reentrant one's check of the recomputed
+    saved tensors fails (tested under ZeRO-3 with LoRA: the same loss and gradient norm as full
+    logits). Without gradients (evaluation) the chunks are plain calls. Peak extra memory: one
+    chunk's logits and their log-sum-exp temporaries. `matmul_dtype` runs the module under autocast
+    to it (the chunks run outside the model's forward, so outside the autocast that mixed precision
+    wraps it in). LoRA dropout on the head draws per chunk, not once per batch as full logits do."""
+    vocab = getattr(head, "out_features", None) or getattr(head.weight, "ds_shape", head.weight.shape)[0]
+    chunk = chunk_size or default_chunk_size(vocab)
+    autocast = torch.autocast(hidden.device.type, dtype=matmul_dtype, enabled=matmul_dtype is not None)
+    recompute = torch.is_grad_enabled() and hidden.requires_grad
+    pieces = []
+    with autocast:
+        for start in range(0, hidden.shape[0], chunk):
+            args = (head, hidden[start : start + chunk], targets[start : start + chunk])
+            if recompute:
+                pieces.append(torch.utils.checkpoint.checkpoint(_module_chunk_logps, *args, use_reentrant=True))
+            else:
+                pieces.append(_module_chunk_logps(*args))
+    if not pieces:
+        return hidden.new_zeros(0, dtype=torch.float32)
+    return torch.cat(pieces)
+
+
 # ---- which positions are scored ------------------------------------------------------------------
 
 
@@ -254,24 +296,29 @@ def _policy_from_token_logps(scored: _Scored, logps: torch.Tensor, pairs: int, s
 
 def policy_logps_from_hidden(
     hidden: torch.Tensor,
-    weight: torch.Tensor,
+    weight: torch.Tensor | None,
     labels: torch.Tensor,
     nll_labels: torch.Tensor,
     bias: torch.Tensor | None = None,
     seq_lens: torch.Tensor | None = None,
     chunk_size: int | None = None,
     matmul_dtype: torch.dtype | None = None,
+    module: torch.nn.Module | None = None,
 ) -> PolicyLogps:
     """`orpo.loss.policy_logps` from the last hidden states and the LM head, never forming full logits.
 
     Padded batch (PairCollator, seq_lens None): hidden [2B, T, H], labels [2B, T], nll_labels [B, T].
     Packed row (PackedPairCollator): hidden [1, L, H], labels and nll_labels [1, L], seq_lens [2B].
     In both, chosen sequences come first, position t's hidden state predicts token t+1, and -100
-    marks a target that is not scored. weight [V, H] and bias [V] are the LM head's (`output_projection`).
+    marks a target that is not scored. weight [V, H] and bias [V] are the LM head's (`output_projection`);
+    or, with weight None, `module` is the head, called chunk by chunk (`module_token_logps`).
     """
     scored, pairs, sequences = _layout(labels, nll_labels, seq_lens)
     picked = hidden.reshape(-1, hidden.shape[-1])[scored.positions]
-    logps = chunked_token_logps(picked, weight, scored.targets, bias, chunk_size, matmul_dtype)
+    if weight is None:
+        logps = module_token_logps(module, picked, scored.targets, chunk_size, matmul_dtype)
+    else:
+        logps = chunked_token_logps(picked, weight, scored.targets, bias, chunk_size, matmul_dtype)
     return _policy_from_token_logps(scored, logps, pairs, sequences)
 
 
@@ -284,29 +331,36 @@ def packed_policy_logps(
     return _policy_from_token_logps(scored, token_logps(picked, scored.targets), pairs, sequences)
 
 
-def output_projection(model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(weight [V, H], bias [V] or None) of a causal LM's head, for a HF model, a PeftModel (LoRA on
-    other modules), or either wrapped by DDP. Refuses heads whose logits are not `hidden @ W^T + b`.
-    """
-    while hasattr(model, "module"):  # DistributedDataParallel
+def head_module(model: torch.nn.Module) -> torch.nn.Module:
+    """The LM head of a HF causal LM, a PeftModel, or either wrapped by DDP or DeepSpeed, when the
+    model's logits are exactly the head's output; refuses models that post-process their logits."""
+    while hasattr(model, "module"):  # DistributedDataParallel, DeepSpeedEngine
         model = model.module
-    head = model.get_output_embeddings()
-    if type(head) is not torch.nn.Linear or getattr(head.weight, "quant_state", None) is not None:
-        raise ValueError(
-            f"The chunked log-prob head needs a plain nn.Linear LM head; this model's is {type(head).__name__} "
-            "(LoRA on lm_head, modules_to_save or a quantised head). Use the unfused path (full logits)."
-        )
-    if hasattr(head.weight, "ds_id"):  # DeepSpeed ZeRO-3: outside the head's own forward the weight is a shard
-        raise ValueError(
-            "The LM head's weight is partitioned by DeepSpeed ZeRO-3; the chunked log-prob head reads it outside "
-            "the module's forward. Use the unfused path (full logits) with ZeRO-3."
-        )
     config = getattr(model, "config", None)
     for name in ("final_logit_softcapping", "logit_scale", "logits_scaling"):
         value = getattr(config, name, None)
         if value not in (None, 1, 1.0):
             raise ValueError(
-                f"The model post-processes its logits ({name}={value}); the chunked head computes plain "
-                "hidden @ W^T + b. Use the unfused path (full logits)."
+                f"The model post-processes its logits ({name}={value}); the chunked head computes the head's "
+                "output only. Use the unfused path (full logits)."
             )
+    return model.get_output_embeddings()
+
+
+def output_projection(model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(weight [V, H], bias [V] or None) of a causal LM's head (`head_module`) when the logits are
+    `hidden @ W^T + b` with a weight readable outside the head's forward; else ValueError (such a
+    head can still go through `module_token_logps`).
+    """
+    head = head_module(model)
+    if type(head) is not torch.nn.Linear or getattr(head.weight, "quant_state", None) is not None:
+        raise ValueError(
+            f"The chunked log-prob head needs a plain nn.Linear LM head; this model's is {type(head).__name__} "
+            "(LoRA on lm_head, modules_to_save or a quantised head). Call the module instead (module_token_logps)."
+        )
+    if hasattr(head.weight, "ds_id"):  # DeepSpeed ZeRO-3: outside the head's own forward the weight is a shard
+        raise ValueError(
+            "The LM head's weight is partitioned by DeepSpeed ZeRO-3; the chunked log-prob head reads it outside "
+            "the module's forward. Call the module instead (module_token_logps)."
+        )
     return head.weight, head.bias

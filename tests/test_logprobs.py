@@ -8,6 +8,7 @@ log P(target) chunk by chunk, recomputing each chunk's logits in backward.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -18,9 +19,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from orpo.collator import PairCollator
+from orpo.config import load_config
+from orpo.forward import policy_forward, resolve_head
 from orpo.logprobs import (
     chunked_token_logps,
     default_chunk_size,
+    module_token_logps,
     output_projection,
     policy_logps_from_hidden,
 )
@@ -301,6 +305,25 @@ def final_hidden(model: torch.nn.Module, **inputs: torch.Tensor) -> torch.Tensor
     return out.hidden_states[-1]
 
 
+def assert_fused_equals_unfused(
+    model: torch.nn.Module, policy: Callable[[bool], PolicyLogps], num_nll_tokens: int
+) -> None:
+    """`policy(fused)` for fused False then True: the same loss and trainable gradients within 1e-5."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+
+    def run(fused: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        model.zero_grad(set_to_none=True)
+        loss = loss_of(policy(fused), num_nll_tokens)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in trainable]
+
+    want_loss, want_grads = run(fused=False)
+    got_loss, got_grads = run(fused=True)
+    torch.testing.assert_close(got_loss, want_loss, rtol=1e-5, atol=1e-6)
+    for g, w in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+
+
 def tiny_model(lora: dict[str, Any] | None = None) -> torch.nn.Module:
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -322,27 +345,17 @@ def test_recipe_on_tiny_llama_and_peft(mode: str) -> None:
                 torch.nn.init.normal_(p, std=0.05)
     batch = PairCollator(PAD, nll_on_prompt=True)(random_pairs(4, 324, seed=29))
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-    trainable = [p for p in model.parameters() if p.requires_grad]
 
-    def run(fused: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        model.zero_grad(set_to_none=True)
+    def policy(fused: bool) -> PolicyLogps:
         if fused:
             weight, bias = output_projection(model)
-            policy = policy_logps_from_hidden(
+            return policy_logps_from_hidden(
                 final_hidden(model, **inputs), weight, batch["labels"], batch["nll_labels"], bias, chunk_size=8
             )
-        else:
-            logits = model(**inputs, use_cache=False).logits
-            policy = policy_logps(logits, batch["labels"], batch["nll_labels"])
-        loss = loss_of(policy, int(batch["num_nll_tokens"]))
-        loss.backward()
-        return loss.detach(), [p.grad.clone() for p in trainable]
+        logits = model(**inputs, use_cache=False).logits
+        return policy_logps(logits, batch["labels"], batch["nll_labels"])
 
-    want_loss, want_grads = run(fused=False)
-    got_loss, got_grads = run(fused=True)
-    torch.testing.assert_close(got_loss, want_loss, rtol=1e-5, atol=1e-6)
-    for g, w in zip(got_grads, want_grads, strict=True):
-        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+    assert_fused_equals_unfused(model, policy, int(batch["num_nll_tokens"]))
     weight, _ = output_projection(model)
     assert weight.requires_grad == (mode == "full")  # LoRA: the frozen head gets no gradient
 
@@ -379,3 +392,71 @@ def test_output_projection_refuses_a_zero3_partitioned_head() -> None:
     model.lm_head.weight.ds_id = 0  # what DeepSpeed ZeRO-3 marks its partitioned parameters with
     with pytest.raises(ValueError, match="ZeRO-3"):
         output_projection(model)
+
+
+# ---- 5. heads that must be called as modules (LoRA / modules_to_save on the head, ZeRO-3) ---------
+
+
+def test_module_path_equals_the_matrix_path_for_a_plain_head() -> None:
+    """module_token_logps (the head called chunk by chunk under checkpointing) gives the numbers and
+    gradients (hidden, weight, bias) of chunked_token_logps."""
+    gen = torch.Generator().manual_seed(5)
+    head = torch.nn.Linear(16, 300, bias=True)
+    hidden = torch.randn(37, 16, generator=gen, requires_grad=True)
+    targets = torch.randint(0, 300, (37,), generator=gen)
+    coeffs = torch.randn(37, generator=gen)
+
+    def grads(fn: Callable[[], torch.Tensor]) -> list[torch.Tensor]:
+        for t in (hidden, head.weight, head.bias):
+            t.grad = None
+        logps = fn()
+        (logps * coeffs).sum().backward()
+        return [logps.detach(), hidden.grad.clone(), head.weight.grad.clone(), head.bias.grad.clone()]
+
+    want = grads(lambda: chunked_token_logps(hidden, head.weight, targets, head.bias, chunk_size=8))
+    got = grads(lambda: module_token_logps(head, hidden, targets, chunk_size=8))
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+    assert module_token_logps(head, hidden[:0], targets[:0]).shape == (0,)
+    with warnings.catch_warnings():  # evaluation: plain calls, no checkpointing (it would warn)
+        warnings.simplefilter("error")
+        with torch.no_grad():
+            torch.testing.assert_close(module_token_logps(head, hidden, targets, chunk_size=8), want[0])
+
+
+@pytest.mark.parametrize(
+    "lora",
+    [{"target_modules": ["q_proj", "lm_head"]}, {"target_modules": ["q_proj"], "modules_to_save": ["lm_head"]}],
+    ids=["lora_on_lm_head", "modules_to_save"],
+)
+def test_heads_the_matrix_path_refuses_go_through_the_module(lora: dict[str, Any]) -> None:
+    """A LoRA head or a trained copy of it: resolve_head picks the module path, which gives the
+    unfused path's loss and gradients (the head's LoRA weights included)."""
+    model = tiny_model(lora)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:  # LoRA's B starts at zero; make the adapters matter
+            torch.nn.init.normal_(p, std=0.05)
+    head, note = resolve_head(load_config(None, ["chunked_head=true"]), model, "no")
+    assert head is not None and head.weight is None and head.module is not None, note
+    assert "calling the" in note and "chunk by chunk" in note
+    batch = PairCollator(PAD, nll_on_prompt=True)(random_pairs(4, 324, seed=31))
+    assert any("lm_head" in n for n, p in model.named_parameters() if p.requires_grad)
+    policy = lambda fused: policy_forward(model, batch, head if fused else None)  # noqa: E731
+    assert_fused_equals_unfused(model, policy, int(batch["num_nll_tokens"]))
+
+
+def test_resolve_head_chooses_matrix_module_or_full_logits() -> None:
+    cfg = load_config(None, ["chunked_head=true"])
+    model = tiny_model()
+    head, _ = resolve_head(cfg, model, "bf16")
+    assert head.weight is model.lm_head.weight and head.module is None and head.matmul_dtype == torch.bfloat16
+    model.lm_head.weight.ds_id = 0  # how DeepSpeed ZeRO-3 marks a partitioned parameter
+    head, note = resolve_head(cfg, model, "no")
+    assert head.weight is None and head.module is model.lm_head and "ZeRO-3-partitioned" in note
+    model.config.final_logit_softcapping = 30.0
+    head, note = resolve_head(cfg, model, "no")
+    assert head is None and note.startswith("full logits: The model post-processes its logits")
+    assert resolve_head(load_config(None, ["chunked_head=false"]), tiny_model(), "no") == (
+        None,
+        "full logits (chunked_head=false)",
+    )

@@ -172,13 +172,18 @@ def test_zero3_saved_model_reloads_on_one_process(tmp_path: Path, tiny_base: Pat
 
 
 def test_zero3_lora_adapter_is_complete(tmp_path: Path, tiny_base: Path) -> None:
+    """ZeRO-3 LoRA: the head (frozen, partitioned) is called chunk by chunk and gives the steps of
+    full logits; the adapter is complete and reloads on one process with the same eval scores."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "z3_lora"
-    summary = run_launched(
-        "zero3", out, tiny_base, "mode=lora", "learning_rate=1e-2", "lora_target_modules=[q_proj, v_proj]"
-    )
+    lora = ("mode=lora", "learning_rate=1e-2", "lora_target_modules=[q_proj, v_proj]")
+    summary = run_launched("zero3", out, tiny_base, *lora)
+    assert "calling the ZeRO-3-partitioned head chunk by chunk" in summary["plan"]["head"]
+    full_logits = run_launched("zero3", tmp_path / "z3_lora_full_logits", tiny_base, *lora, "chunked_head=false")
+    assert full_logits["plan"]["head"] == "full logits (chunked_head=false)"
+    assert_same_steps(out, tmp_path / "z3_lora_full_logits")
     adapter = load_file(out / "adapter_model.safetensors")
     assert len(adapter) == 2 * 2 * 2  # 2 layers x (q, v) x (A, B)
     assert all(t.numel() > 0 for t in adapter.values())
