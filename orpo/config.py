@@ -72,6 +72,9 @@ class TrainConfig:
     at the positions the loss scores, never building [tokens, vocab] logits. A LoRA head or a ZeRO-3
     partitioned one is called chunk by chunk; models that post-process their logits (softcapping)
     fall back to full logits, with a note in the plan."""
+    head_chunk_size: int | None = None
+    """Positions per chunk of the chunked head; None: 512, or fewer where their float32 logits would
+    pass 256 MiB. Smaller saves memory on big vocabularies, at some speed."""
     group_by_length: bool = True
     """Order the pairs of each global batch by length so micro-batches hold similar lengths (less
     padding). The step's pairs, and so its gradient, are the same as without it."""
@@ -237,6 +240,8 @@ class TrainConfig:
             raise ConfigError(
                 f"keep_last must be at least 2 (a crash while pruning must leave one), got {self.keep_last}."
             )
+        if self.head_chunk_size is not None and self.head_chunk_size < 1:
+            raise ConfigError(f"head_chunk_size must be >= 1 (or null for the default), got {self.head_chunk_size}.")
         if self.max_skipped_steps < 1 or not 0.0 <= self.max_skipped_fraction <= 1.0:
             raise ConfigError("max_skipped_steps must be >= 1 and max_skipped_fraction in [0, 1].")
         if not 0.0 <= self.warmup_ratio < 1.0:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from functools import partial
 from typing import NamedTuple
 
 import numpy as np
@@ -25,6 +28,8 @@ class LMHead(NamedTuple):
     bias: torch.Tensor | None
     matmul_dtype: torch.dtype | None
     module: torch.nn.Module | None = None
+    gather: Callable[[], AbstractContextManager] | None = None  # makes a ZeRO-3-partitioned weight whole
+    chunk_size: int | None = None
 
 
 def policy_forward(model: torch.nn.Module, batch: dict[str, torch.Tensor], head: LMHead | None) -> PolicyLogps:
@@ -58,6 +63,8 @@ def policy_forward(model: torch.nn.Module, batch: dict[str, torch.Tensor], head:
         seq_lens=seq_lens,
         matmul_dtype=head.matmul_dtype,
         module=head.module,
+        gather=head.gather,
+        chunk_size=head.chunk_size,
     )
 
 
@@ -93,13 +100,24 @@ def resolve_head(cfg: TrainConfig, model: torch.nn.Module, mixed_precision: str)
     except ValueError as err:
         return None, f"full logits: {err}"
     matmul_dtype = torch.bfloat16 if mixed_precision == "bf16" else None
+    params = list(module.parameters())
+    if any(hasattr(p, "ds_id") for p in params):  # DeepSpeed ZeRO-3: partitioned outside the head's forward
+        if not any(p.requires_grad for p in params) and type(module) is torch.nn.Linear:
+            import deepspeed
+
+            note = "chunked log-prob head, the frozen ZeRO-3 head gathered for it (no [tokens, vocab] logits)"
+            gather = partial(deepspeed.zero.GatheredParameters, params, modifier_rank=None)
+            return LMHead(module.weight, module.bias, matmul_dtype, None, gather, cfg.head_chunk_size), note
+        if not all(p.requires_grad for p in params):
+            return None, "full logits: a partly frozen head under ZeRO-3 (e.g. LoRA on lm_head)"
     try:
         weight, bias = output_projection(model)
-    except ValueError:  # a LoRA, modules_to_save or 4-bit head, or any head under ZeRO-3: call it
+    except ValueError:  # a LoRA, modules_to_save or 4-bit head, or a trainable head under ZeRO-3: call it
         kind = "ZeRO-3-partitioned" if hasattr(module.weight, "ds_id") else type(module).__name__
         note = f"chunked log-prob head, calling the {kind} head chunk by chunk (no [tokens, vocab] logits)"
-        return LMHead(None, None, matmul_dtype, module), note
-    return LMHead(weight, bias, matmul_dtype), "chunked log-prob head (no [tokens, vocab] logits)"
+        return LMHead(None, None, matmul_dtype, module, None, cfg.head_chunk_size), note
+    head = LMHead(weight, bias, matmul_dtype, None, None, cfg.head_chunk_size)
+    return head, "chunked log-prob head (no [tokens, vocab] logits)"
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:

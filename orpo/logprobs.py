@@ -26,6 +26,8 @@ head module under activation checkpointing.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any, NamedTuple
 
 import torch
@@ -95,27 +97,35 @@ class _ChunkedTokenLogps(torch.autograd.Function):
         targets: torch.Tensor,
         chunk_size: int,
         matmul_dtype: torch.dtype | None,
+        gather: Callable[[], AbstractContextManager] | None,
     ) -> torch.Tensor:
-        p = _precision(hidden, weight, matmul_dtype)
-        weight_t = weight.to(p.operand).t()  # one upcast copy [V, H] at most, never [N, V]
-        bias_out = None if bias is None else bias.to(p.out)
-        logps = torch.empty(hidden.shape[0], dtype=p.out, device=hidden.device)
-        lse = torch.empty_like(logps)
-        with torch.autocast(hidden.device.type, enabled=False):  # keep autocast from casting to bf16
-            for start in range(0, hidden.shape[0], chunk_size):
-                end = start + chunk_size
-                logits = _chunk_logits(hidden[start:end], weight_t, bias_out, p)
-                target_logits = logits.gather(1, targets[start:end, None]).squeeze(1)
-                lse[start:end] = _logsumexp_(logits)  # one [c, V] buffer: logits, then overwritten in place
-                logps[start:end] = target_logits - lse[start:end]
-                del logits  # free this chunk's buffer before the next one is allocated
-        ctx.save_for_backward(hidden, weight, bias, targets, lse)
-        ctx.chunk_size, ctx.precision = chunk_size, p
-        return logps
+        ctx.gather = gather or nullcontext
+        with ctx.gather():  # a ZeRO-3 head's weight is whole only inside
+            p = _precision(hidden, weight, matmul_dtype)
+            weight_t = weight.to(p.operand).t()  # one upcast copy [V, H] at most, never [N, V]
+            bias_out = None if bias is None else bias.to(p.out)
+            logps = torch.empty(hidden.shape[0], dtype=p.out, device=hidden.device)
+            lse = torch.empty_like(logps)
+            with torch.autocast(hidden.device.type, enabled=False):  # keep autocast from casting to bf16
+                for start in range(0, hidden.shape[0], chunk_size):
+                    end = start + chunk_size
+                    logits = _chunk_logits(hidden[start:end], weight_t, bias_out, p)
+                    target_logits = logits.gather(1, targets[start:end, None]).squeeze(1)
+                    lse[start:end] = _logsumexp_(logits)  # one [c, V] buffer: logits, then overwritten in place
+                    logps[start:end] = target_logits - lse[start:end]
+                    del logits  # free this chunk's buffer before the next one is allocated
+            ctx.save_for_backward(hidden, weight, bias, targets, lse)
+            ctx.chunk_size, ctx.precision = chunk_size, p
+            return logps
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad_logps: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        with ctx.gather():
+            return _ChunkedTokenLogps._backward(ctx, grad_logps)
+
+    @staticmethod
+    def _backward(ctx: Any, grad_logps: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         hidden, weight, bias, targets, lse = ctx.saved_tensors
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         p: _Precision = ctx.precision
@@ -148,6 +158,7 @@ class _ChunkedTokenLogps(torch.autograd.Function):
             None,
             None,
             None,
+            None,
         )
 
 
@@ -158,6 +169,7 @@ def chunked_token_logps(
     bias: torch.Tensor | None = None,
     chunk_size: int | None = None,
     matmul_dtype: torch.dtype | None = None,
+    gather: Callable[[], AbstractContextManager] | None = None,
 ) -> torch.Tensor:
     """log P(targets[i] | hidden[i]) = log_softmax(hidden[i] @ weight^T + bias)[targets[i]], chunk by chunk.
 
@@ -172,20 +184,22 @@ def chunked_token_logps(
             fp16) casts the operands, and the gradient of the logits on the way back, to it, with
             float32 accumulation and output: the speed of the unfused head under autocast, without
             its bf16 logits.
+        gather: a context in which weight and bias are whole (DeepSpeed ZeRO-3's GatheredParameters
+            for a frozen, partitioned head); forward and backward each run inside one.
 
     Returns [N] log-probs in float32 (float64 for float64 inputs). Peak extra memory is one [chunk, V]
     float32 buffer (plus its cast copy with `matmul_dtype`), the [V, H] weight gradient, and one [V, H]
     copy of the weight when it must be cast.
     """
-    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+    shape = getattr(weight, "ds_shape", weight.shape)  # a ZeRO-3 partitioned weight's whole shape
+    if hidden.dim() != 2 or len(shape) != 2 or hidden.shape[1] != shape[1]:
         raise ValueError(
-            f"hidden must be [N, H] and weight [V, H] with the same H; got {tuple(hidden.shape)} and "
-            f"{tuple(weight.shape)}."
+            f"hidden must be [N, H] and weight [V, H] with the same H; got {tuple(hidden.shape)} and {tuple(shape)}."
         )
     if targets.shape != hidden.shape[:1]:
         raise ValueError(f"targets must be [N] = [{hidden.shape[0]}]; got {tuple(targets.shape)}.")
-    chunk = chunk_size or default_chunk_size(weight.shape[0])
-    return _ChunkedTokenLogps.apply(hidden, weight, bias, targets.long(), chunk, matmul_dtype)
+    chunk = chunk_size or default_chunk_size(shape[0])
+    return _ChunkedTokenLogps.apply(hidden, weight, bias, targets.long(), chunk, matmul_dtype, gather)
 
 
 def _module_chunk_logps(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -204,10 +218,12 @@ def module_token_logps(
     inside its own forward (DeepSpeed ZeRO-3 gathers it there), a LoRA or modules_to_save head, a
     4-bit head. Each chunk calls the module under activation checkpointing, so its logits are freed
     after the forward and recomputed in backward by calling the module again (which gathers a ZeRO-3
-    weight again; dropout draws the same mask); the head's own autograd gives its gradients. The
-    reentrant variant: with a frozen ZeRO-3 head, the non-reentrant one's check of the recomputed
-    saved tensors fails (tested under ZeRO-3 with LoRA: the same loss and gradient norm as full
-    logits). Without gradients (evaluation) the chunks are plain calls. Peak extra memory: one
+    weight again; dropout draws the same mask); the head's own autograd gives its gradients, in one
+    backward graph, so a parameter's gradient hook (DDP's, DeepSpeed's) fires once however many
+    chunks used it (the reentrant variant runs a backward per chunk: DeepSpeed ZeRO-3 then fails on
+    the second). A frozen ZeRO-3 head fails the non-reentrant recompute check: it goes through
+    `chunked_token_logps` with `gather` instead. Without gradients (evaluation) the chunks are plain
+    calls. Peak extra memory: one
     chunk's logits and their log-sum-exp temporaries. `matmul_dtype` runs the module under autocast
     to it (the chunks run outside the model's forward, so outside the autocast that mixed precision
     wraps it in). LoRA dropout on the head draws per chunk, not once per batch as full logits do."""
@@ -215,17 +231,30 @@ def module_token_logps(
     chunk = chunk_size or default_chunk_size(vocab)
     autocast = torch.autocast(hidden.device.type, dtype=matmul_dtype, enabled=matmul_dtype is not None)
     recompute = torch.is_grad_enabled() and hidden.requires_grad
+    calls = _calls_on_every_rank(head, -(-hidden.shape[0] // chunk), hidden.device)
     pieces = []
     with autocast:
-        for start in range(0, hidden.shape[0], chunk):
-            args = (head, hidden[start : start + chunk], targets[start : start + chunk])
+        for call in range(calls):
+            # Past this rank's positions the slices are empty: a call with no rows still gathers a
+            # ZeRO-3 weight (a collective every rank must join), forward and, through cat, backward.
+            args = (head, hidden[call * chunk : (call + 1) * chunk], targets[call * chunk : (call + 1) * chunk])
             if recompute:
-                pieces.append(torch.utils.checkpoint.checkpoint(_module_chunk_logps, *args, use_reentrant=True))
+                pieces.append(torch.utils.checkpoint.checkpoint(_module_chunk_logps, *args, use_reentrant=False))
             else:
                 pieces.append(_module_chunk_logps(*args))
     if not pieces:
         return hidden.new_zeros(0, dtype=torch.float32)
     return torch.cat(pieces)
+
+
+def _calls_on_every_rank(head: torch.nn.Module, calls: int, device: torch.device) -> int:
+    """How many times to call the head: this rank's chunk count, or under DeepSpeed ZeRO-3 (where
+    every call gathers the weight, collectively) the largest count of any rank."""
+    if not any(hasattr(p, "ds_id") for p in head.parameters()) or not torch.distributed.is_initialized():
+        return calls
+    count = torch.tensor([calls], device=device)
+    torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MAX)
+    return int(count.item())
 
 
 # ---- which positions are scored ------------------------------------------------------------------
@@ -304,6 +333,7 @@ def policy_logps_from_hidden(
     chunk_size: int | None = None,
     matmul_dtype: torch.dtype | None = None,
     module: torch.nn.Module | None = None,
+    gather: Callable[[], AbstractContextManager] | None = None,
 ) -> PolicyLogps:
     """`orpo.loss.policy_logps` from the last hidden states and the LM head, never forming full logits.
 
@@ -311,14 +341,15 @@ def policy_logps_from_hidden(
     Packed row (PackedPairCollator): hidden [1, L, H], labels and nll_labels [1, L], seq_lens [2B].
     In both, chosen sequences come first, position t's hidden state predicts token t+1, and -100
     marks a target that is not scored. weight [V, H] and bias [V] are the LM head's (`output_projection`);
-    or, with weight None, `module` is the head, called chunk by chunk (`module_token_logps`).
+    or, with weight None, `module` is the head, called chunk by chunk (`module_token_logps`); `gather`:
+    see `chunked_token_logps`.
     """
     scored, pairs, sequences = _layout(labels, nll_labels, seq_lens)
     picked = hidden.reshape(-1, hidden.shape[-1])[scored.positions]
     if weight is None:
         logps = module_token_logps(module, picked, scored.targets, chunk_size, matmul_dtype)
     else:
-        logps = chunked_token_logps(picked, weight, scored.targets, bias, chunk_size, matmul_dtype)
+        logps = chunked_token_logps(picked, weight, scored.targets, bias, chunk_size, matmul_dtype, gather)
     return _policy_from_token_logps(scored, logps, pairs, sequences)
 
 

@@ -453,6 +453,15 @@ def test_resolve_head_chooses_matrix_module_or_full_logits() -> None:
     model.lm_head.weight.ds_id = 0  # how DeepSpeed ZeRO-3 marks a partitioned parameter
     head, note = resolve_head(cfg, model, "no")
     assert head.weight is None and head.module is model.lm_head and "ZeRO-3-partitioned" in note
+    model.lm_head.weight.requires_grad_(False)  # a frozen ZeRO-3 head (LoRA): read gathered
+    head, note = resolve_head(load_config(None, ["head_chunk_size=64"]), model, "no")
+    assert head.weight is model.lm_head.weight and head.gather is not None and head.chunk_size == 64, note
+    lora_head = tiny_model({"target_modules": ["q_proj", "lm_head"]})
+    for param in lora_head.base_model.model.lm_head.parameters():
+        param.ds_id = 0
+    head, note = resolve_head(cfg, lora_head, "no")
+    assert head is None and note == "full logits: a partly frozen head under ZeRO-3 (e.g. LoRA on lm_head)"
+    model.lm_head.weight.requires_grad_(True)
     model.config.final_logit_softcapping = 30.0
     head, note = resolve_head(cfg, model, "no")
     assert head is None and note.startswith("full logits: The model post-processes its logits")

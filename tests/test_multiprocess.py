@@ -140,8 +140,11 @@ def only_rank0_wrote(out: Path) -> None:
 def test_two_processes_match_one(config: str, tmp_path: Path, tiny_base: Path, reference: tuple[Path, dict]) -> None:
     ref_out, ref = reference
     out = tmp_path / config
-    summary = run_launched(config, out, tiny_base, "save_steps=2")
+    # Chunks of 16 positions: each parameter of the head serves many chunks in one backward.
+    summary = run_launched(config, out, tiny_base, "save_steps=2", "head_chunk_size=16")
     assert summary["plan"]["processes"] == 2 and summary["plan"]["accumulation"] == 2
+    calls_the_module = "calling the ZeRO-3-partitioned head chunk by chunk" in summary["plan"]["head"]
+    assert calls_the_module == (config == "zero3"), summary["plan"]["head"]
     assert_same_steps(out, ref_out)
     assert_same_weights(out, ref_out)
     for tag in ("eval/loss", "eval/logps/chosen", "eval/rewards/accuracies"):
@@ -172,15 +175,16 @@ def test_zero3_saved_model_reloads_on_one_process(tmp_path: Path, tiny_base: Pat
 
 
 def test_zero3_lora_adapter_is_complete(tmp_path: Path, tiny_base: Path) -> None:
-    """ZeRO-3 LoRA: the head (frozen, partitioned) is called chunk by chunk and gives the steps of
-    full logits; the adapter is complete and reloads on one process with the same eval scores."""
+    """ZeRO-3 LoRA: the chunked head reads the frozen, partitioned head's weight gathered, and gives
+    the steps of full logits; the adapter is complete and reloads on one process with the same eval
+    scores."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "z3_lora"
     lora = ("mode=lora", "learning_rate=1e-2", "lora_target_modules=[q_proj, v_proj]")
-    summary = run_launched("zero3", out, tiny_base, *lora)
-    assert "calling the ZeRO-3-partitioned head chunk by chunk" in summary["plan"]["head"]
+    summary = run_launched("zero3", out, tiny_base, *lora, "head_chunk_size=16")  # many chunks per micro-batch
+    assert "the frozen ZeRO-3 head gathered for it" in summary["plan"]["head"]
     full_logits = run_launched("zero3", tmp_path / "z3_lora_full_logits", tiny_base, *lora, "chunked_head=false")
     assert full_logits["plan"]["head"] == "full logits (chunked_head=false)"
     assert_same_steps(out, tmp_path / "z3_lora_full_logits")
