@@ -162,6 +162,11 @@ class _ChunkedTokenLogps(torch.autograd.Function):
         )
 
 
+def whole_shape(weight: torch.Tensor) -> torch.Size:
+    """A weight's shape, or a ZeRO-3-partitioned weight's whole shape (its local tensor is a shard)."""
+    return getattr(weight, "ds_shape", weight.shape)
+
+
 def chunked_token_logps(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -191,7 +196,7 @@ def chunked_token_logps(
     float32 buffer (plus its cast copy with `matmul_dtype`), the [V, H] weight gradient, and one [V, H]
     copy of the weight when it must be cast.
     """
-    shape = getattr(weight, "ds_shape", weight.shape)  # a ZeRO-3 partitioned weight's whole shape
+    shape = whole_shape(weight)
     if hidden.dim() != 2 or len(shape) != 2 or hidden.shape[1] != shape[1]:
         raise ValueError(
             f"hidden must be [N, H] and weight [V, H] with the same H; got {tuple(hidden.shape)} and {tuple(shape)}."
@@ -227,7 +232,7 @@ def module_token_logps(
     chunk's logits and their log-sum-exp temporaries. `matmul_dtype` runs the module under autocast
     to it (the chunks run outside the model's forward, so outside the autocast that mixed precision
     wraps it in). LoRA dropout on the head draws per chunk, not once per batch as full logits do."""
-    vocab = getattr(head, "out_features", None) or getattr(head.weight, "ds_shape", head.weight.shape)[0]
+    vocab = getattr(head, "out_features", None) or whole_shape(head.weight)[0]  # a 4-bit weight is packed
     chunk = chunk_size or default_chunk_size(vocab)
     autocast = torch.autocast(hidden.device.type, dtype=matmul_dtype, enabled=matmul_dtype is not None)
     recompute = torch.is_grad_enabled() and hidden.requires_grad
