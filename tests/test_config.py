@@ -9,8 +9,8 @@ import pytest
 import yaml
 
 from orpo.config import ConfigError, TrainConfig, load_config, parse_override, plan_batches
+from tests.conftest import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = sorted((ROOT / "configs").glob("*.yaml"))
 
 

@@ -32,9 +32,8 @@ from orpo.data import (
     tokenize_rows,
 )
 from orpo.sampling import global_batches
+from tests.conftest import ROOT, TINY
 
-ROOT = Path(__file__).resolve().parent.parent
-TINY = ROOT / "assets" / "tiny"
 SORT_TRAIN = ROOT / "data" / "sort_prefs" / "train.jsonl"
 
 # Hand-built character tokenizer: ids 0-4 are special, then one id per character, then merged tokens.

@@ -13,8 +13,8 @@ import pytest
 
 from orpo.config import ConfigError, load_config, plan_batches
 from orpo.distributed import check_engine_agrees, configure_deepspeed
+from tests.conftest import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 DS_CONFIGS = sorted((ROOT / "ds_configs").glob("*.json"))
 
 

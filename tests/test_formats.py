@@ -24,9 +24,8 @@ from orpo.data import (
     parse_hh_transcript,
     tokenize_rows,
 )
+from tests.conftest import TINY
 
-ROOT = Path(__file__).resolve().parent.parent
-TINY = ROOT / "assets" / "tiny"
 SYSTEM = "You are a careful assistant."
 
 
