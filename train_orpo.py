@@ -68,7 +68,7 @@ from orpo.guards import (
     poison_if_non_finite,
 )
 from orpo.metrics import FlopsModel, MetricSums, device_peak_tflops, mean_of, peak_memory_gb, prefixed
-from orpo.model import ModelInfo, load_model, load_tokenizer, resolve_mixed_precision, save_trained
+from orpo.model import ModelInfo, load_model, load_tokenizer, require_cuda, resolve_mixed_precision, save_trained
 from orpo.optim import build_optimizer, build_scheduler
 from orpo.report import write_report
 from orpo.sampling import global_batches, pair_lengths
@@ -139,6 +139,7 @@ def flat_hparams(cfg: TrainConfig) -> dict[str, Any]:
 
 def main(cfg: TrainConfig) -> dict[str, Any]:
     started = time.time()
+    require_cuda(cfg)  # before anything is downloaded or loaded: no silent CPU training
     state, cpu_only = init_processes()
     plan = plan_batches(cfg, state.num_processes)
     out = check_output_dir(cfg)
