@@ -23,6 +23,7 @@ import json
 import math
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +73,7 @@ from orpo.model import ModelInfo, load_model, load_tokenizer, resolve_mixed_prec
 from orpo.optim import build_optimizer, build_scheduler
 from orpo.report import write_report
 from orpo.sampling import global_batches, pair_lengths
+from orpo.teardown import leave
 
 
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
@@ -421,22 +423,43 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
             end = p.final["eval/rewards/accuracies"]
             say(f"held-out eval/rewards/accuracies: {start}{end:.3f} after {cfg.max_steps} steps")
         say(f"TensorBoard: tensorboard --logdir {out / 'tensorboard'}")
-    # Leave together: a rank that exits while another is still saving can be torn down mid-collective
-    # (seen as a SIGABRT of rank 1 under load with ZeRO-3). end_training destroys the process group.
+    # Leave together, then tear down in order: DeepSpeed's engine (free_memory destroys it and drops the
+    # prepared model and optimizer), the trackers, the process group. What torch still holds after that
+    # is handled where the process ends (orpo/teardown.py).
     accelerator.wait_for_everyone()
+    accelerator.free_memory()
     accelerator.end_training()
     return summary
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The command line: parse, train, and end the process with the run's exit code (orpo/teardown.py)."""
+    started = time.time()
     try:
         config = parse_args()
     except ConfigError as err:
         sys.exit(f"config error: {err}")
+    code, together = 0, True  # together: every rank ended at the same point, so groups can be released
     try:
         main(config)
     except (ConfigError, DataError, CheckpointError) as err:
-        sys.exit(f"error: {err}")
+        print(f"error: {err}", file=sys.stderr)
+        code, together = 1, False
     except RunStopped as err:
         print(f"stopped: {err}", file=sys.stderr)
-        sys.exit(err.exit_code)
+        code = err.exit_code
+    except KeyboardInterrupt:
+        traceback.print_exc()
+        code, together = 130, False
+    except SystemExit as err:  # a library's sys.exit: its code, through the same exit
+        if err.code is not None and not isinstance(err.code, int):
+            print(err.code, file=sys.stderr)
+        code, together = err.code if isinstance(err.code, int) else int(err.code is not None), False
+    except BaseException:  # a bug: its traceback, then the same careful exit as every other end
+        traceback.print_exc()
+        code, together = 1, False
+    leave(code, Path(config.output_dir), started, released=together)
+
+
+if __name__ == "__main__":
+    cli()

@@ -94,7 +94,8 @@ def one_run(engine: str, out: Path, cache: Path, core_dir: Path | None, faults: 
 
 def classify(returncode: int, log: str, out: Path) -> str:
     if returncode == 0:
-        return "exit 0"
+        left = sum(f"rank {r}: exit 0" in log for r in (0, 1))  # each rank's last line (orpo/teardown.py)
+        return "exit 0" if left == 2 else f"exit 0, but only {left} of 2 ranks wrote their last line"
     finished = (out / "run_summary.json").is_file() and json.loads((out / "run_summary.json").read_text())["finished"]
     aborted = "terminate called without an active exception" in log
     signal_exit = re.search(r"exit code:\s*(-?\d+)", log)

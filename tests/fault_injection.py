@@ -159,14 +159,4 @@ def install() -> None:
 
 if __name__ == "__main__":
     install()
-    try:
-        config = train_orpo.parse_args()
-    except train_orpo.ConfigError as err:
-        sys.exit(f"config error: {err}")
-    try:
-        train_orpo.main(config)
-    except (train_orpo.ConfigError, train_orpo.DataError, train_orpo.CheckpointError) as err:
-        sys.exit(f"error: {err}")
-    except train_orpo.RunStopped as err:
-        print(f"stopped: {err}", file=sys.stderr)
-        sys.exit(err.exit_code)
+    train_orpo.cli()

@@ -93,7 +93,15 @@ def run_launched(config: str, out: Path, base: Path, *overrides: str) -> dict:
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=_env())
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     assert "x 2 processes" in proc.stdout, proc.stdout[-2000:]
+    assert_every_rank_left(proc.stderr, 0)
     return json.loads((out / "run_summary.json").read_text())
+
+
+def assert_every_rank_left(stderr: str, code: int) -> None:
+    """Each rank's last line (orpo/teardown.py) is written, with the run's exit code: no rank died on the way out."""
+    left = sorted(ln.split(":")[0] for ln in stderr.splitlines() if ln.startswith("rank ") and ": exit " in ln)
+    assert left == ["rank 0", "rank 1"], stderr[-3000:]
+    assert all(f": exit {code}" in ln for ln in stderr.splitlines() if ln.startswith("rank ") and ": exit " in ln)
 
 
 def _env() -> dict[str, str]:
