@@ -63,9 +63,12 @@ from orpo.guards import (
     RunStopped,
     StopRequest,
     check_output_dir,
+    check_same_data,
     check_skipped_fraction,
     check_trackers,
+    clear_for_overwrite,
     poison_if_non_finite,
+    release_output_locks,
 )
 from orpo.metrics import FlopsModel, MetricSums, device_peak_tflops, mean_of, peak_memory_gb, prefixed
 from orpo.model import ModelInfo, load_model, load_tokenizer, resolve_mixed_precision, save_trained
@@ -129,16 +132,70 @@ def plan_lines(
     ]
 
 
+def data_order_until(path: Path, step: int) -> list[str]:
+    """The lines of data_order.jsonl for steps up to `step` (what the checkpoint resumed from has
+    trained). A line that does not parse is dropped: a kill while appending leaves the last one half
+    written, and a record must not stop a resume."""
+    kept = []
+    for line in path.read_text().split("\n") if path.exists() else []:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
+            kept.append(line)
+    return kept
+
+
 def flat_hparams(cfg: TrainConfig) -> dict[str, Any]:
     """TensorBoard's hparams take scalars and strings only."""
     return {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in to_dict(cfg).items()}
+
+
+def stop_before_training(
+    accelerator: Accelerator, cfg: TrainConfig, out: Path, stop: StopRequest, step: int, started: float, where: str
+) -> RunStopped:
+    """A stop signal came before the first optimizer step of this attempt: nothing has been trained
+    since step `step` (a checkpoint of it exists, or it is 0), so no checkpoint is written and a
+    requeued `resume_from=latest` continues from that checkpoint, or starts over. run_summary.json
+    says why, for the requeue script."""
+    if accelerator.is_main_process:
+        summary = {
+            "finished": False,
+            "step": step,
+            "config": to_dict(cfg),
+            "stop_reason": "preempted",
+            "exit_code": EXIT_PREEMPTED,
+            "stopped_at": where,
+            "wall_seconds": time.time() - started,
+        }
+        write_report(out, summary)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    since = f"since step {step}, its checkpoint is the state to resume" if step else "yet, so no checkpoint was written"
+    return RunStopped(
+        f"a stop signal (SIGTERM/SIGUSR1) reached {'this rank' if stop.signal else 'another rank'} before step "
+        f"{step + 1} ({where}): nothing was trained {since}; resume_from=latest "
+        + ("continues from it." if step else "starts over."),
+        EXIT_PREEMPTED,
+    )
 
 
 # ---- the run -------------------------------------------------------------------------------------
 
 
 def main(cfg: TrainConfig) -> dict[str, Any]:
+    try:
+        return train(cfg)
+    finally:
+        release_output_locks()  # a clean end, a stop or an error: this process no longer writes there
+
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
     started = time.time()
+    # From the first second: a SIGTERM/SIGUSR1 while tokenising, loading or evaluating at the start
+    # is recorded and acted on at the next safe point below (exit 75), never the default kill (143).
+    stop = StopRequest()
     state, cpu_only = init_processes()
     plan = plan_batches(cfg, state.num_processes)
     out = check_output_dir(cfg)
@@ -173,6 +230,8 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
         order = np.random.default_rng(cfg.seed).permutation(len(eval_data))
         eval_indices = np.sort(order[: cfg.eval_max_samples])
     eval_collator = PairCollator(tokenizer.pad_token_id, cfg.nll_on_prompt)
+    if stop.agreed(accelerator):
+        raise stop_before_training(accelerator, cfg, out, stop, 0, started, "after loading the data")
 
     # ---- the checkpoint to resume from, verified before any model is loaded
     progress_state = Progress()
@@ -192,6 +251,7 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
     if resume_path is not None:
         resume_path = Path(resume_path)
         saved = read_trainer_state(resume_path)
+        check_same_data(saved.get("train_data"), train_data.source, resume_path)
         if saved["resume_key"] != resume_key(cfg):
             changed = {
                 k: (v, saved["resume_key"].get(k))
@@ -201,6 +261,10 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
             raise ConfigError(
                 f"Cannot resume {resume_path}: these settings changed since it was saved (now, then): {changed}."
             )
+
+    if stop.agreed(accelerator):
+        step = read_trainer_state(resume_path)["progress"]["step"] if resume_path is not None else 0
+        raise stop_before_training(accelerator, cfg, out, stop, step, started, "after verifying the checkpoint")
 
     # ---- model, optimizer, schedule
     model, info = load_model(cfg, accelerator.device)
@@ -239,17 +303,17 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
         for _ in range(progress_state.step):  # the data position: the same seeded batches, skipped
             next(batches)
         say(f"resumed      from {resume_path} at step {progress_state.step}")
-    # purge_step drops events a killed attempt logged after its last checkpoint.
-    tb_kwargs = {"purge_step": progress_state.step + 1} if progress_state.step else {}
+    if stop.agreed(accelerator):
+        raise stop_before_training(accelerator, cfg, out, stop, progress_state.step, started, "after loading the model")
+    clear_for_overwrite(cfg, out)  # every input has been checked: the first write of this run follows
+    accelerator.wait_for_everyone()
+    # purge_step hides what an earlier attempt logged from this step on: after its last checkpoint,
+    # or everything when this attempt starts from step 0 (a run killed before its first checkpoint).
+    tb_kwargs = {"purge_step": progress_state.step + 1 if progress_state.step else 0}
     accelerator.init_trackers("tensorboard", config=flat_hparams(cfg), init_kwargs={"tensorboard": tb_kwargs})
     data_order = out / "data_order.jsonl"
     if cfg.record_data_order and accelerator.is_main_process:
-        kept = [
-            ln
-            for ln in (data_order.read_text().splitlines() if data_order.exists() else [])
-            if json.loads(ln)["step"] <= progress_state.step
-        ]
-        data_order.write_text("".join(ln + "\n" for ln in kept))
+        data_order.write_text("".join(ln + "\n" for ln in data_order_until(data_order, progress_state.step)))
 
     prompts = sample_prompts(cfg, eval_data if eval_data is not None else train_data)
 
@@ -287,6 +351,7 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
             clear_staging(out)
         accelerator.wait_for_everyone()
         saved_state = {"progress": dataclasses.asdict(progress_state), "resume_key": resume_key(cfg)}
+        saved_state["train_data"] = train_data.source  # the data's sha256, checked on resume
         saved_state["progress"]["wall_seconds_before"] = summarize(False)["wall_seconds"]
         accelerator.save_state(str(staging_dir(out, progress_state.step)))
         accelerator.wait_for_everyone()
@@ -305,11 +370,12 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
     if eval_indices is not None and cfg.eval_at_start and p.step == 0:
         p.final.update(prefixed("eval", run_eval(0)))
         p.first_eval_accuracy = p.final["eval/rewards/accuracies"]
+    if stop.agreed(accelerator):
+        raise stop_before_training(accelerator, cfg, out, stop, p.step, started, "after the evaluation at the start")
     model.train()
     scale = plan.accumulation * accelerator.num_processes  # undo accelerate's / accumulation and DDP's mean
     per_rank = plan.global_batch // accelerator.num_processes
     steps_per_epoch = len(train_data) // plan.global_batch
-    stop = StopRequest()
     progress = tqdm(
         initial=p.step,
         total=cfg.max_steps,

@@ -77,9 +77,18 @@ def verify(directory: Path) -> None:
     if not manifest_path.is_file():
         raise CheckpointError(f"{directory} has no {MANIFEST}: it was not completely written.")
     try:
-        files = json.loads(manifest_path.read_text())["files"]
-    except (ValueError, KeyError) as err:
+        manifest = json.loads(manifest_path.read_text())
+    except (ValueError, OSError) as err:
         raise CheckpointError(f"{manifest_path} is not a valid manifest ({err}).") from err
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    shape_ok = isinstance(files, dict) and all(
+        isinstance(e, dict) and type(e.get("size")) is int and isinstance(e.get("sha256"), str) for e in files.values()
+    )
+    if not shape_ok:  # valid JSON of another shape: as damaged as a truncated one
+        raise CheckpointError(
+            f'{manifest_path} is not a valid manifest: expected {{"files": {{name: {{"size": int, '
+            f'"sha256": str}}}}}}, found {json.dumps(manifest)[:200]}.'
+        )
     for name, expected in files.items():
         path = directory / name
         if not path.is_file():

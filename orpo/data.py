@@ -26,6 +26,8 @@ import json
 import multiprocessing as mp
 import os
 import re
+import sys
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -107,14 +109,19 @@ def read_file(path: Path) -> list[dict[str, Any]]:
 
 
 def _parse_json_text(path: Path, text: str) -> list[Any]:
+    """A JSON array (.json starting with `[`), else JSON Lines. Lines end at "\n" only (a "\r" before
+    it is JSON whitespace): U+2028, U+0085 and the other breaks `str.splitlines` knows are legal,
+    unescaped, inside JSON strings."""
     stripped = text.lstrip()
     if path.suffix.lower() == ".json" and stripped.startswith("["):
         try:
             return json.loads(text)
         except json.JSONDecodeError as err:
             raise DataError(f"{path}: invalid JSON at line {err.lineno}: {err.msg}.") from err
+        except RecursionError:
+            raise DataError(f"{path}: {_TOO_DEEP}") from None
     rows = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    for lineno, line in enumerate(text.split("\n"), start=1):
         if line.strip():
             try:
                 rows.append(json.loads(line))
@@ -122,7 +129,15 @@ def _parse_json_text(path: Path, text: str) -> list[Any]:
                 raise DataError(
                     f"{path}: line {lineno} is not valid JSON ({err.msg}); expected one JSON object per line."
                 ) from err
+            except RecursionError:
+                raise DataError(f"{path}: line {lineno}: {_TOO_DEEP}") from None
     return rows
+
+
+_TOO_DEEP = (
+    "its JSON is nested too deeply to read (arrays or objects inside each other beyond Python's recursion "
+    f"limit, {sys.getrecursionlimit()}); a preference row nests a few levels: check how the file was written."
+)
 
 
 def _read_hub(name: str, split: str) -> tuple[list[dict[str, Any]], str]:
@@ -386,7 +401,19 @@ def normalise_row(
         return "empty_response"
     if pair.chosen.strip() == pair.rejected.strip():
         return "identical_responses"
+    if not all(_encodable(t) for t in (pair.chosen, pair.rejected, *(m["content"] for m in pair.prompt))):
+        return "unencodable_text"
     return pair
+
+
+def _encodable(text: str) -> bool:
+    """Whether a string is valid Unicode: JSON's "\\ud800" escapes decode to lone surrogates, which
+    no tokenizer can encode (the Rust tokenizers raise TypeError on them)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 # ---- tokenising ----------------------------------------------------------------------------------
@@ -491,6 +518,7 @@ class PreferenceSplit:
     skipped: dict[str, int] = field(default_factory=dict)
     skipped_example: dict[str, int] = field(default_factory=dict)  # first row index per reason
     num_rows: int = 0
+    source: str = ""  # the data's fingerprint (`file:<path>:<sha256>`, `hub:...`), set by load_split
 
     def __len__(self) -> int:
         return len(self.row_index)
@@ -627,9 +655,8 @@ def load_split(
         ).encode()
     ).hexdigest()[:24]
     cache = Path(cache_dir or Path.home() / ".cache" / "orpo") / f"{key}.npz"
-    if cache.is_file():
-        data = PreferenceSplit.load(cache)
-    else:
+    data = _load_cache(cache) if cache.is_file() else None
+    if data is None:
         if num_proc <= 0:
             num_proc = 1 if len(rows) < 20_000 else min(os.cpu_count() or 1, 16)
         data = tokenize_rows(
@@ -637,12 +664,30 @@ def load_split(
         )
         cache.parent.mkdir(parents=True, exist_ok=True)
         data.save(cache)
+    data.source = source
     if len(data) == 0:
         reasons = ", ".join(f"{k}: {v} (e.g. row {data.skipped_example[k]})" for k, v in sorted(data.skipped.items()))
         raise DataError(
             f"{where}: none of its {data.num_rows} rows is usable ({reasons}). Accepted: {FORMATS_ACCEPTED}."
         )
     return data
+
+
+def _load_cache(path: Path) -> PreferenceSplit | None:
+    """A cached split, or None (with a warning naming the file) when the file is damaged: truncated
+    by a full disk or a kill, or corrupted; the caller then tokenises again and rewrites it."""
+    try:
+        data = PreferenceSplit.load(path)
+        pairs, sequences = len(data.row_index), len(data.prompt_lens)
+        if sequences != 2 * pairs or len(data.offsets) != sequences + 1 or data.offsets[-1] != len(data.tokens):
+            raise ValueError(f"{pairs} pairs, {sequences} sequences, {len(data.offsets)} offsets do not agree")
+        return data
+    except Exception as err:  # numpy and zipfile raise many types for a damaged file (BadZipFile, EOFError, ...)
+        warnings.warn(
+            f"tokenised-data cache {path} is damaged ({type(err).__name__}: {err}); tokenising again and rewriting it.",
+            stacklevel=2,
+        )
+        return None
 
 
 def describe_skipped(data: PreferenceSplit) -> str:
