@@ -23,13 +23,13 @@ import train_orpo
 from orpo.checkpoint import CheckpointError, find_resume_checkpoint, write_manifest
 from orpo.config import ConfigError, load_config
 from orpo.data import DataError
-from orpo.guards import lock_output_dir, release_output_locks
 from tests.conftest import ROOT, TINY_CONFIG, reset_accelerate
 from tests.test_reliability import SORT, digest_tree
 
 HOLD_LOCK = (
-    "import sys; from pathlib import Path; from orpo.guards import lock_output_dir, release_output_locks; "
-    "lock_output_dir(Path(sys.argv[1])); print('locked', flush=True); sys.stdin.read(); release_output_locks()"
+    "import sys; from pathlib import Path; import orpo.guards as guards; "
+    "guards.lock_output_dir(Path(sys.argv[1])); print('locked', flush=True); sys.stdin.read(); "
+    "guards.release_output_locks()"
 )
 
 
@@ -173,20 +173,20 @@ def test_without_flock_the_holders_pid_decides(monkeypatch: pytest.MonkeyPatch, 
         here = socket.gethostname()
         lock.write_text(json.dumps({"host": here, "pid": sleeper.pid, "started": "then"}))
         with pytest.raises(ConfigError, match=f"locked by a run \\(host {here}, pid {sleeper.pid}, started then\\)"):
-            lock_output_dir(out)
+            guards.lock_output_dir(out)
         lock.write_text(json.dumps({"host": "node-17", "pid": sleeper.pid, "started": "then"}))
         with pytest.raises(ConfigError, match="on another host, which this file system \\(no flock\\) cannot check"):
-            lock_output_dir(out)
+            guards.lock_output_dir(out)
     finally:
         sleeper.kill()
         sleeper.wait()
     lock.write_text(json.dumps({"host": here, "pid": sleeper.pid, "started": "then"}))
     try:
-        note = lock_output_dir(out)
+        note = guards.lock_output_dir(out)
         assert note and f"pid {sleeper.pid}" in note
         assert json.loads(lock.read_text())["pid"] == os.getpid()
     finally:
-        release_output_locks()
+        guards.release_output_locks()
 
 
 # ---- resuming: the data must be the same; a damaged record or manifest is tolerated ---------------
@@ -295,10 +295,10 @@ def test_a_malformed_manifest_makes_that_checkpoint_skipped(tmp_path: Path, mani
 
 def test_the_lock_holder_body_names_host_pid_and_start(tmp_path: Path) -> None:
     try:
-        assert lock_output_dir(tmp_path) is None
+        assert guards.lock_output_dir(tmp_path) is None
         body = json.loads((tmp_path / "run.lock").read_text())
         assert (body["host"], body["pid"]) == (socket.gethostname(), os.getpid())
         assert body["started"].startswith(time.strftime("%Y-%m-%dT"))
     finally:
-        release_output_locks()
+        guards.release_output_locks()
     assert (tmp_path / "run.lock").read_text() == ""
