@@ -40,10 +40,10 @@ def is_finished_run(out: Path) -> bool:
 
 
 def check_output_dir(cfg: TrainConfig) -> Path:
-    """Take the output directory's lock, refuse to clobber a finished run or an unfinished one's
-    checkpoints, and fail now (not after hours) if the directory cannot be written or its disk is
-    full. Deletes nothing: `overwrite=true` clears the old run later (`clear_for_overwrite`), once
-    every input has been checked."""
+    """Fail now (not after hours) if the directory cannot be written or its disk is full, refuse to
+    clobber a finished run or an unfinished one's checkpoints, then take the directory's lock
+    (refused while another run holds it). Deletes nothing: `overwrite=true` clears the old run later
+    (`clear_for_overwrite`), once every input has been checked."""
     out = Path(cfg.output_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -53,6 +53,16 @@ def check_output_dir(cfg: TrainConfig) -> Path:
     except OSError as err:
         reason = "its disk is full" if err.errno == errno.ENOSPC else "it is not writable"
         raise ConfigError(f"output_dir {str(out)!r} cannot be used: {reason} ({err}).") from err
+    # Read-only refusals first: a refused launch leaves the directory exactly as it was.
+    if is_finished_run(out) and not cfg.overwrite:
+        raise ConfigError(
+            f"{out} already holds a finished run (run_summary.json). Pick another output_dir or pass overwrite=true."
+        )
+    if complete_checkpoints(out) and not cfg.resume_from and not cfg.overwrite:
+        raise ConfigError(
+            f"{out} holds checkpoints of an unfinished run ({checkpoints_dir(out)}). Pass resume_from=latest to "
+            "continue it, or overwrite=true to start over (which deletes them)."
+        )
     refused: list[str | None] = [None]
     if PartialState().is_main_process:
         try:
@@ -64,15 +74,6 @@ def check_output_dir(cfg: TrainConfig) -> Path:
     refused = broadcast_object_list(refused)  # only rank 0 holds the lock; every rank must stop
     if refused[0]:
         raise ConfigError(refused[0])
-    if is_finished_run(out) and not cfg.overwrite:
-        raise ConfigError(
-            f"{out} already holds a finished run (run_summary.json). Pick another output_dir or pass overwrite=true."
-        )
-    if complete_checkpoints(out) and not cfg.resume_from and not cfg.overwrite:
-        raise ConfigError(
-            f"{out} holds checkpoints of an unfinished run ({checkpoints_dir(out)}). Pass resume_from=latest to "
-            "continue it, or overwrite=true to start over (which deletes them)."
-        )
     return out
 
 
