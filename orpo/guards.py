@@ -39,6 +39,18 @@ def is_finished_run(out: Path) -> bool:
         return False
 
 
+def extends_finished_run(cfg: TrainConfig, out: Path) -> bool:
+    """resume_from with a larger max_steps may train a finished run on, from the checkpoint of its
+    last step; without that checkpoint it would retrain steps and overwrite the saved model."""
+    if not cfg.resume_from:
+        return False
+    try:
+        finished_step = int(json.loads((out / "run_summary.json").read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return cfg.max_steps > finished_step and finished_step in [step for step, _ in complete_checkpoints(out)]
+
+
 def check_output_dir(cfg: TrainConfig) -> Path:
     """Fail now (not after hours) if the directory cannot be written or its disk is full, refuse to
     clobber a finished run or an unfinished one's checkpoints, then take the directory's lock
@@ -54,9 +66,10 @@ def check_output_dir(cfg: TrainConfig) -> Path:
         reason = "its disk is full" if err.errno == errno.ENOSPC else "it is not writable"
         raise ConfigError(f"output_dir {str(out)!r} cannot be used: {reason} ({err}).") from err
     # Read-only refusals first: a refused launch leaves the directory exactly as it was.
-    if is_finished_run(out) and not cfg.overwrite:
+    if is_finished_run(out) and not cfg.overwrite and not extends_finished_run(cfg, out):
         raise ConfigError(
-            f"{out} already holds a finished run (run_summary.json). Pick another output_dir or pass overwrite=true."
+            f"{out} already holds a finished run (run_summary.json). Pick another output_dir, pass overwrite=true, "
+            "or resume_from=latest with a larger max_steps to train it on (it needs the checkpoint of its last step)."
         )
     if complete_checkpoints(out) and not cfg.resume_from and not cfg.overwrite:
         raise ConfigError(
