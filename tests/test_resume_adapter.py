@@ -217,20 +217,21 @@ def test_resume_with_half_the_per_device_batch(
 
 
 def test_ddp_two_processes_resumed_on_one_then_on_two(setup: Setup, tmp_path: Path) -> None:  # noqa: F811
-    """Full fine-tuning under DDP, stopped at step 2 (checkpoint of 2 processes), resumed on one
-    process to step 4, then on 2 processes again to step 6: the steps match the uninterrupted 2-process
-    run within 1e-5. Rank 1 of the last attempt finds its own RNG file; see restore_missing_rng for a
-    rank that finds none."""
-    overrides = (*TWO_PROCESSES, "max_steps=6", "save_steps=2")
+    """Full fine-tuning under DDP, killed after step 1 (checkpoint of 2 processes, 2 x 2 accumulation),
+    resumed on one process (2 x 4) to step 3, then on 2 processes again to step 6: the steps match
+    the uninterrupted 2-process run within 1e-5. Before the fix the one-process attempt died on
+    accelerate's restored micro-step counter. Rank 1 of the last attempt finds its own RNG file
+    (see restore_missing_rng for a rank that finds none)."""
+    overrides = (*TWO_PROCESSES, "max_steps=6", "save_steps=1")
     ref, out = tmp_path / "uninterrupted", tmp_path / "run"
     assert attempt(setup, ref, *overrides, launcher=launcher("ddp")).returncode == 0
-    killed = attempt(setup, out, *overrides, faults={"ORPO_KILL_AT_STEP": "2"}, launcher=launcher("ddp"))
-    assert killed.returncode != 0 and steps_of_checkpoints(out) == [2], killed.tail()
+    killed = attempt(setup, out, *overrides, faults={"ORPO_KILL_AT_STEP": "1"}, launcher=launcher("ddp"))
+    assert killed.returncode != 0 and steps_of_checkpoints(out) == [1], killed.tail()
     one = attempt(setup, out, *overrides, "resume_from=latest", faults={"ORPO_KILL_AT_STEP": "2"})
-    assert one.returncode == -signal.SIGKILL and one.resumed_from() == 2, one.tail()
-    assert steps_of_checkpoints(out) == [2, 4] and "x 1 processes" in one.stdout
+    assert one.returncode == -signal.SIGKILL and one.resumed_from() == 1, one.tail()
+    assert steps_of_checkpoints(out) == [2, 3] and "x 1 processes" in one.stdout
     two = attempt(setup, out, *overrides, "resume_from=latest", launcher=launcher("ddp"))
-    assert two.returncode == 0 and two.resumed_from() == 4, two.tail()
+    assert two.returncode == 0 and two.resumed_from() == 3, two.tail()
     for tag in PER_STEP_TAGS:
         got, want = logged(out, tag), logged(ref, tag)
         assert list(got) == list(range(1, 7)), tag
