@@ -584,8 +584,18 @@ def tokenize_rows(
     process = functools.partial(_process_row, data_format=data_format, column_map=column_map)
     if num_proc > 1:
         os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the Rust pool does not survive fork
-        with mp.get_context("fork").Pool(num_proc, initializer=_init_worker, initargs=(pair_tokenizer,)) as pool:
+        pool = mp.get_context("fork").Pool(num_proc, initializer=_init_worker, initargs=(pair_tokenizer,))
+        try:
             results = pool.map(process, rows, chunksize=max(1, len(rows) // (num_proc * 8)))
+        except BaseException:
+            pool.terminate()
+            raise
+        # Not `with Pool` (terminate: SIGTERM to the workers). The workers inherit the trainer's
+        # StopRequest handler, installed before the data loads, which records a SIGTERM and goes on:
+        # a worker waiting for the queue's lock would never exit and terminate() would wait forever.
+        # close() + join() ends them with the pool's own sentinels.
+        pool.close()
+        pool.join()
     else:
         _init_worker(pair_tokenizer)
         results = [process(r) for r in rows]

@@ -9,6 +9,8 @@ character-level BPE built by hand below, whose merges and template each test pic
 from __future__ import annotations
 
 import json
+import os
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -526,6 +528,25 @@ def test_two_processes_give_the_same_split_as_one(tiny: PreTrainedTokenizerFast)
     assert split_arrays(two) == split_arrays(one)
     assert len(one) == 200
     assert one.skipped_example == {"missing_field": 3, "non_string_content": 51, "unknown_role": 199}
+
+
+def test_worker_processes_end_without_a_signal(tiny: PreTrainedTokenizerFast, tmp_path: Path) -> None:
+    """The trainer's StopRequest (installed before the data loads) records SIGTERM and goes on, and the
+    tokenising workers inherit it: a pool ended by SIGTERM (`with Pool`: terminate) could wait forever
+    for a worker that ignored it. Here a handler like it notes every SIGTERM a worker receives."""
+
+    def note(signum: int, frame: Any) -> None:
+        (tmp_path / f"sigterm.{os.getpid()}").touch()
+
+    previous = signal.signal(signal.SIGTERM, note)
+    try:
+        rows = sort_rows(64)
+        for _ in range(5):
+            split = tokenize_rows(rows, PairTokenizer(tiny, 24, 16), num_proc=2)
+            assert len(split) == 64
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert sorted(p.name for p in tmp_path.glob("sigterm.*")) == []
 
 
 # ---- sampling and token counts ---------------------------------------------------------------
