@@ -83,7 +83,7 @@ from orpo.guards import (
     release_output_locks,
 )
 from orpo.metrics import FlopsModel, MetricSums, device_peak_tflops, mean_of, peak_memory_gb, prefixed
-from orpo.model import ModelInfo, load_model, load_tokenizer, resolve_mixed_precision, save_trained
+from orpo.model import ModelInfo, load_model, load_tokenizer, require_cuda, resolve_mixed_precision, save_trained
 from orpo.optim import build_optimizer, build_scheduler, lr_lambda
 from orpo.report import write_report
 from orpo.sampling import global_batches, pair_lengths
@@ -244,6 +244,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     # From the first second: a SIGTERM/SIGUSR1 while tokenising, loading or evaluating at the start
     # is recorded and acted on at the next safe point below (exit 75), never the default kill (143).
     stop = StopRequest()
+    require_cuda(cfg)  # before anything is downloaded or loaded: no silent CPU training
     state, cpu_only = init_processes()
     plan = plan_batches(cfg, state.num_processes)
     out = check_output_dir(cfg)

@@ -182,6 +182,10 @@ class TrainConfig:
     """Stop before training when more than this share of a split's rows is skipped as unusable."""
     record_data_order: bool = False
     """Write output_dir/data_order.jsonl: the source row ids of every step's global batch."""
+    allow_cpu: bool = False
+    """Train even where CUDA is not usable (a CPU-only torch, a driver too old for torch's CUDA, no
+    GPU visible). Off: such a run is refused before anything is downloaded or loaded, with what was
+    found and how to fix it. The demo and tests (configs/tiny.yaml, a 0.5M-parameter model) set it."""
 
     def __post_init__(self) -> None:
         self.validate()

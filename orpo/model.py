@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import importlib.util
+import os
+import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
-from orpo.config import TrainConfig
+from orpo.config import ConfigError, TrainConfig
+
+T = TypeVar("T")
 
 # The template the recipe's Zephyr-style chat models use, for tokenizers that ship none (base models).
 ZEPHYR_TEMPLATE = (
@@ -23,6 +28,147 @@ ZEPHYR_TEMPLATE = (
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+class ModelLoadError(ConfigError):
+    """A model or tokenizer that cannot be loaded (missing, gated, offline); the message says what was
+    tried and what to do. A ConfigError, so the CLI prints it without a traceback."""
+
+
+# ---- the device ----------------------------------------------------------------------------------
+
+# The oldest Linux driver each CUDA major version of a torch build runs on (NVIDIA's CUDA toolkit
+# release notes, "minor version compatibility"): torch 2.13 from PyPI is built for CUDA 13.0.
+MIN_DRIVER = {13: 580, 12: 525, 11: 450}
+NVIDIA_DRIVER_FILE = Path("/proc/driver/nvidia/version")
+
+
+@dataclass(frozen=True)
+class CudaReport:
+    """What this machine offers torch: read before anything is loaded."""
+
+    torch_version: str
+    torch_cuda: str | None  # None: a CPU-only build of torch
+    available: bool  # torch.cuda.is_available()
+    driver: str | None  # the NVIDIA kernel driver's version, None when no driver is loaded
+    visible_devices: str | None  # CUDA_VISIBLE_DEVICES, when set
+
+    def problem(self) -> str:
+        """Why CUDA is not usable, and how to fix it ("" when it is)."""
+        if self.available:
+            return ""
+        driver = self.driver or f"not loaded (no {NVIDIA_DRIVER_FILE})"
+        found = (
+            f"torch {self.torch_version} (torch.version.cuda={self.torch_cuda}), "
+            f"torch.cuda.is_available()=False, NVIDIA driver {driver}"
+        )
+        if self.visible_devices is not None:
+            found += f", CUDA_VISIBLE_DEVICES={self.visible_devices!r}"
+        if self.torch_cuda is None:
+            fix = (
+                "this torch is a CPU-only build: install a CUDA build that matches the driver, e.g. "
+                "`pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cu130` (CUDA 13.0, "
+                "driver >= 580; see https://pytorch.org/get-started/locally/ for builds for older drivers)"
+            )
+        elif self.driver is None:
+            fix = (
+                "no GPU is visible: run on a machine with an NVIDIA GPU and its driver loaded (`nvidia-smi` "
+                "must list it; in a container, pass the GPUs through, e.g. `docker run --gpus all`)"
+            )
+        else:
+            major = int(self.torch_cuda.split(".")[0])
+            need = MIN_DRIVER.get(major)
+            have = int(self.driver.split(".")[0])
+            if need is not None and have < need:
+                fix = (
+                    f"this torch is built for CUDA {self.torch_cuda}, which needs driver >= {need}, but the driver "
+                    f"is {self.driver}: upgrade the driver, or install a torch built for an older CUDA "
+                    "(https://pytorch.org/get-started/locally/)"
+                )
+            elif self.visible_devices is not None and not self.visible_devices.strip(", "):
+                fix = "CUDA_VISIBLE_DEVICES hides every GPU: unset it or name the GPUs to use"
+            else:
+                fix = "the driver is loaded but no GPU answers: check `nvidia-smi` and CUDA_VISIBLE_DEVICES"
+        return f"CUDA is not usable here: {found}. To fix: {fix}."
+
+
+def nvidia_driver_version(path: Path = NVIDIA_DRIVER_FILE) -> str | None:
+    """The loaded NVIDIA kernel driver's version ("580.95.05"), read from /proc; None without one."""
+    try:
+        text = path.read_text()
+    except OSError:
+        return None
+    found = re.search(r"Kernel Module\s+(?:for \S+\s+)?(\d+\.\d+(?:\.\d+)?)", text)
+    return found.group(1) if found else None
+
+
+def cuda_report() -> CudaReport:
+    return CudaReport(
+        torch_version=torch.__version__,
+        torch_cuda=torch.version.cuda,
+        available=torch.cuda.is_available(),
+        driver=nvidia_driver_version(),
+        visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"),
+    )
+
+
+def require_cuda(cfg: TrainConfig, report: CudaReport | None = None) -> None:
+    """Refuse to train on the CPU unless the config says `allow_cpu: true`.
+
+    Without a usable GPU (a CPU-only torch, a driver older than torch's CUDA needs, no GPU visible)
+    the recipe would otherwise load Mistral-7B on the CPU in float32 and "train" for days, and a
+    multi-process launch would fall back to gloo. Called before anything is downloaded or loaded.
+    The demo and the tests (configs/tiny.yaml) set allow_cpu: true: a 0.5M-parameter model.
+    """
+    if cfg.allow_cpu:
+        return
+    report = report or cuda_report()
+    if not report.available:
+        raise ConfigError(
+            f"{report.problem()} Or, to train {cfg.model_name_or_path!r} on the CPU anyway (slow: for a 7B model, "
+            "days, and float32 weights), set allow_cpu=true."
+        )
+
+
+# ---- loading -------------------------------------------------------------------------------------
+
+
+_MODEL_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json")
+
+
+def _hub_call(what: str, name: str, load: Callable[[], T]) -> T:
+    """`load()`, with a missing, gated or unreachable model or tokenizer turned into a ModelLoadError
+    that says what was tried and what to do (transformers raises a bare OSError)."""
+    from huggingface_hub import constants
+
+    local = Path(name).expanduser()
+    # transformers raises ValueError, not OSError, for a local directory without tokenizer files
+    unreadable: tuple[type[Exception], ...] = (OSError,)
+    if local.is_dir() and not any((local / f).is_file() for f in _MODEL_FILES):
+        unreadable = (OSError, ValueError)
+    try:
+        return load()
+    except unreadable as err:
+        if local.is_dir():
+            tried = f"the local directory {str(local)!r}"
+            fix = "check that it holds the files (config.json, tokenizer files, weights) save_pretrained writes"
+        else:
+            offline = constants.is_offline_mode()
+            tried = f"{name!r}: no local directory of that name, so a hub repo, " + (
+                f"with HF_HUB_OFFLINE=1 (offline: only the local cache {constants.HF_HUB_CACHE} was searched)"
+                if offline
+                else f"from {constants.ENDPOINT} (cache {constants.HF_HUB_CACHE})"
+            )
+            fix = (
+                ("download it once with hub access (unset HF_HUB_OFFLINE, or `hf download " + name + "`), ")
+                if offline
+                else "check the name and your network, "
+            ) + (
+                "log in (`hf auth login`) and accept the licence on the model's hub page if it is gated, "
+                "or point model_name_or_path / tokenizer_name_or_path at a local directory"
+            )
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelLoadError(f"Could not load the {what} from {tried}: {first} To fix: {fix}.") from err
+
+
 def load_tokenizer(cfg: TrainConfig) -> Any:
     """The tokenizer, with a chat template and a pad token.
 
@@ -31,7 +177,7 @@ def load_tokenizer(cfg: TrainConfig) -> Any:
     """
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(cfg.tokenizer_path)
+    tok = _hub_call("tokenizer", cfg.tokenizer_path, lambda: AutoTokenizer.from_pretrained(cfg.tokenizer_path))
     if cfg.chat_template is not None:
         tok.chat_template = cfg.chat_template
     elif not tok.chat_template:
@@ -98,7 +244,10 @@ def load_model(cfg: TrainConfig, device: torch.device | None = None) -> tuple[to
         if cfg.mode == "qlora":
             raise ValueError("random_init with mode=qlora is not supported: save the random model, then load it.")
         torch.manual_seed(cfg.seed)
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(cfg.model_name_or_path), **kwargs)
+        config = _hub_call(
+            "model config", cfg.model_name_or_path, lambda: AutoConfig.from_pretrained(cfg.model_name_or_path)
+        )
+        model = AutoModelForCausalLM.from_config(config, **kwargs)
         source = f"{cfg.model_name_or_path} (config only, random init, seed {cfg.seed})"
     else:
         if cfg.mode == "qlora":
@@ -112,7 +261,11 @@ def load_model(cfg: TrainConfig, device: torch.device | None = None) -> tuple[to
             )
             if not _zero3_enabled():  # ZeRO-3 places the shards itself
                 kwargs["device_map"] = {"": device if device is not None else "cpu"}
-        model = AutoModelForCausalLM.from_pretrained(cfg.model_name_or_path, **kwargs)
+        model = _hub_call(
+            "model",
+            cfg.model_name_or_path,
+            lambda: AutoModelForCausalLM.from_pretrained(cfg.model_name_or_path, **kwargs),
+        )
         source = cfg.model_name_or_path
     model.config.use_cache = False
     gc_kwargs = {"use_reentrant": False}

@@ -1,0 +1,129 @@
+"""What the CUDA paths decide, tested without a GPU: capabilities, device names and versions are
+monkeypatched. The tests that need a GPU are in tests/test_gpu.py (marked `gpu`)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT
+
+import train_orpo
+from orpo.config import ConfigError, TrainConfig, load_config
+from orpo.model import CudaReport, ModelLoadError, load_tokenizer, nvidia_driver_version, require_cuda
+
+# ---- 1. no silent CPU training -------------------------------------------------------------------
+
+CPU_BUILD = CudaReport("2.13.0+cpu", None, False, None, None)
+OLD_DRIVER = CudaReport("2.13.0", "13.0", False, "550.54.15", None)
+NO_GPU = CudaReport("2.13.0", "13.0", False, None, None)
+HIDDEN = CudaReport("2.13.0", "13.0", False, "580.95.05", "")
+
+
+@pytest.mark.parametrize(
+    ("report", "expected"),
+    [
+        (CPU_BUILD, ["torch 2.13.0+cpu (torch.version.cuda=None)", "CPU-only build", "whl/cu130", "driver >= 580"]),
+        (OLD_DRIVER, ["NVIDIA driver 550.54.15", "built for CUDA 13.0, which needs driver >= 580", "upgrade"]),
+        (NO_GPU, ["NVIDIA driver not loaded (no /proc/driver/nvidia/version)", "no GPU is visible", "--gpus all"]),
+        (HIDDEN, ["CUDA_VISIBLE_DEVICES=''", "hides every GPU"]),
+    ],
+)
+def test_the_recipe_is_refused_without_cuda_naming_what_was_found(report: CudaReport, expected: list[str]) -> None:
+    with pytest.raises(ConfigError) as err:
+        require_cuda(TrainConfig(), report)
+    message = str(err.value)
+    assert message.startswith("CUDA is not usable here: ")
+    assert "torch.cuda.is_available()=False" in message
+    assert "'mistralai/Mistral-7B-v0.1' on the CPU anyway" in message and "set allow_cpu=true" in message
+    for part in expected:
+        assert part in message, (part, message)
+
+
+def test_allow_cpu_or_a_usable_gpu_lets_the_run_start() -> None:
+    require_cuda(TrainConfig(allow_cpu=True), CPU_BUILD)
+    require_cuda(TrainConfig(), CudaReport("2.13.0", "13.0", True, "580.95.05", None))
+    assert load_config(ROOT / "configs" / "tiny.yaml").allow_cpu  # the demo and the tests run on the CPU
+
+
+@pytest.mark.parametrize(
+    ("text", "version"),
+    [
+        ("NVRM version: NVIDIA UNIX x86_64 Kernel Module  550.54.15  Tue Mar  5 22:23:56 UTC 2024\n", "550.54.15"),
+        (
+            "NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  580.95.05  Release Build  (dvs-builder)\n",
+            "580.95.05",
+        ),
+        ("something else\n", None),
+    ],
+)
+def test_driver_version_is_read_from_proc(tmp_path: Path, text: str, version: str | None) -> None:
+    path = tmp_path / "version"
+    path.write_text(text)
+    assert nvidia_driver_version(path) == version
+    assert nvidia_driver_version(tmp_path / "absent") is None
+
+
+def test_main_refuses_before_loading_or_writing_anything(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+    def must_not_load(*args: object, **kwargs: object) -> None:
+        raise AssertionError("loaded a tokenizer before refusing")
+
+    monkeypatch.setattr(train_orpo, "load_tokenizer", must_not_load)
+    out = tmp_path / "run"
+    with pytest.raises(ConfigError, match="CUDA is not usable here"):
+        train_orpo.main(load_config(None, [f"output_dir={out}"]))
+    assert not out.exists()
+
+
+def _cli(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"), CUDA_VISIBLE_DEVICES="")
+    return subprocess.run(
+        [sys.executable, str(ROOT / "train_orpo.py"), f"output_dir={tmp_path / 'run'}", *overrides],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_cli_without_cuda_exits_with_the_reason_not_a_traceback(tmp_path: Path) -> None:
+    done = _cli(tmp_path)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert "error: CUDA is not usable here" in done.stderr and "allow_cpu=true" in done.stderr
+
+
+def test_cli_offline_without_the_model_says_what_was_tried(tmp_path: Path) -> None:
+    done = _cli(tmp_path, "allow_cpu=true")
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert "error: Could not load the tokenizer from 'mistralai/Mistral-7B-v0.1'" in done.stderr
+    assert "HF_HUB_OFFLINE=1" in done.stderr and "hf download mistralai/Mistral-7B-v0.1" in done.stderr
+
+
+def test_a_missing_or_empty_model_gives_a_clear_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ModelLoadError) as err:
+        load_tokenizer(TrainConfig(model_name_or_path="nobody/no-such-model"))
+    message = str(err.value)
+    assert "'nobody/no-such-model': no local directory of that name, so a hub repo, with HF_HUB_OFFLINE=1" in message
+    assert "accept the licence" in message and "local directory" in message
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ModelLoadError, match=f"from the local directory '{empty}'"):
+        load_tokenizer(TrainConfig(model_name_or_path=str(empty)))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    from orpo.model import _hub_call
+
+    def unreachable() -> None:
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files.")
+
+    with pytest.raises(ModelLoadError, match="check the name and your network"):
+        _hub_call("model", "nobody/no-such-model", unreachable)
