@@ -189,20 +189,37 @@ def load_tokenizer(cfg: TrainConfig) -> Any:
     return tok
 
 
+def native_bf16() -> bool:
+    """Whether the GPU computes in bfloat16 natively: compute capability >= 8.0 (Ampere and later), or
+    ROCm. Not `torch.cuda.is_bf16_supported()`, which counts emulation by default: a T4 (sm75) says
+    True there, and bf16 on it is slow (no bf16 tensor cores; SDPA falls back to its math kernel)."""
+    if not torch.cuda.is_available():
+        return False
+    if torch.version.hip:
+        return True
+    return tuple(torch.cuda.get_device_capability()) >= (8, 0)
+
+
+def auto_compute_dtype(device_type: str) -> torch.dtype:
+    """What `auto` means for a compute dtype, for the trainer and the chat CLI alike: float32 off
+    CUDA, bfloat16 on GPUs that have it natively (`native_bf16`), else float16 (with a GradScaler)."""
+    if device_type != "cuda" or not torch.cuda.is_available():
+        return torch.float32
+    return torch.bfloat16 if native_bf16() else torch.float16
+
+
 def resolve_dtype(cfg: TrainConfig) -> torch.dtype:
+    """The base weights' dtype: float32 for `full` (autocast does the rest), else the compute dtype."""
     if cfg.dtype != "auto":
         return _DTYPES[cfg.dtype]
-    if cfg.mode == "full" or not torch.cuda.is_available():
-        return torch.float32
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32 if cfg.mode == "full" else auto_compute_dtype("cuda")
 
 
 def resolve_mixed_precision(cfg: TrainConfig) -> str:
+    """accelerate's mixed_precision: `auto` is bf16 / fp16 / no as `auto_compute_dtype` decides."""
     if cfg.mixed_precision != "auto":
         return cfg.mixed_precision
-    if not torch.cuda.is_available():
-        return "no"
-    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "no"}[auto_compute_dtype("cuda")]
 
 
 def resolve_attention(requested: str, dtype: torch.dtype) -> str:

@@ -127,3 +127,49 @@ def test_a_missing_or_empty_model_gives_a_clear_error(monkeypatch: pytest.Monkey
 
     with pytest.raises(ModelLoadError, match="check the name and your network"):
         _hub_call("model", "nobody/no-such-model", unreachable)
+
+
+# ---- 2. bf16 only where the GPU has it -----------------------------------------------------------
+
+
+def fake_gpu(monkeypatch: pytest.MonkeyPatch, capability: tuple[int, int]) -> None:
+    """A CUDA GPU of this compute capability; is_bf16_supported() answers True as it does by default
+    on every CUDA GPU, emulation included (a T4 says True)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    monkeypatch.setattr(torch.version, "hip", None)
+
+
+@pytest.mark.parametrize(
+    ("capability", "dtype", "mixed"),
+    [
+        ((7, 5), torch.float16, "fp16"),
+        ((7, 0), torch.float16, "fp16"),
+        ((8, 0), torch.bfloat16, "bf16"),
+        ((8, 9), torch.bfloat16, "bf16"),
+        ((9, 0), torch.bfloat16, "bf16"),
+    ],
+)
+def test_bf16_only_on_gpus_that_have_it_natively(
+    monkeypatch: pytest.MonkeyPatch, capability: tuple[int, int], dtype: torch.dtype, mixed: str
+) -> None:
+    """A T4 (sm75) and a V100 (sm70) get fp16 (accelerate then adds a GradScaler), Ampere+ bf16,
+    in the trainer and in the chat CLI alike."""
+    from orpo import chat
+    from orpo.model import resolve_dtype, resolve_mixed_precision
+
+    fake_gpu(monkeypatch, capability)
+    assert resolve_mixed_precision(TrainConfig()) == mixed
+    assert resolve_dtype(TrainConfig()) == dtype  # QLoRA's compute dtype
+    assert resolve_dtype(TrainConfig(mode="full")) == torch.float32  # autocast does the rest
+    assert chat.resolve_dtype("auto", torch.device("cuda")) == dtype
+    assert chat.resolve_dtype("auto", torch.device("cpu")) == torch.float32
+    assert resolve_mixed_precision(TrainConfig(mixed_precision="no")) == "no"
+
+
+def test_without_cuda_auto_is_float32_and_no_mixed_precision(monkeypatch: pytest.MonkeyPatch) -> None:
+    from orpo.model import resolve_dtype, resolve_mixed_precision
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_mixed_precision(TrainConfig()) == "no" and resolve_dtype(TrainConfig()) == torch.float32
