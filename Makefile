@@ -43,9 +43,15 @@ train-multigpu: venv
 	HF_HUB_OFFLINE=0 HF_DATASETS_OFFLINE=0 $(VENV)/bin/accelerate launch --config_file $(ACCEL) \
 		--num_processes $(NUM_GPUS) train_orpo.py --config $(CONFIG) $(ARGS)
 
-# flash-attention 2 needs CUDA to build; without it the trainer uses SDPA.
+# flash-attention 2 from source: no official wheels exist for torch 2.13, so pip compiles it (25-60 min)
+# with nvcc, which must match torch.version.cuda; MAX_JOBS bounds the compiler's memory. Without it the
+# trainer uses SDPA (README, "Attention").
+MAX_JOBS ?= 4
 install-gpu: venv
-	$(PY) -m pip install flash-attn --no-build-isolation
+	@command -v nvcc >/dev/null || { echo "nvcc not found: install the CUDA toolkit that matches \
+	$$($(PY) -c 'import torch; print(torch.version.cuda)') (torch.version.cuda) and put it on PATH." >&2; exit 2; }
+	$(PY) -m pip install --quiet ninja packaging
+	MAX_JOBS=$(MAX_JOBS) $(PY) -m pip install flash-attn --no-build-isolation
 
 # This trainer against TRL's ORPO trainer (bench/README.md); TRL lives in its own .venv-bench.
 BENCH_HASH := $(shell cat requirements.txt requirements-bench.txt | sha256sum | cut -d' ' -f1)

@@ -133,7 +133,8 @@ def plan_lines(
     return [
         f"model        {info.description}",
         f"mode         {cfg.mode}: {info.describe_params()}",
-        f"precision    weights {info.dtype}, mixed precision {mixed_precision}, attention {info.attention}, "
+        f"precision    weights {info.dtype}, mixed precision {mixed_precision}, attention {info.attention}"
+        f"{info.attention_note}, "
         f"gradient checkpointing {checkpointing}",
         f"batch        {plan.describe()}",
         f"steps        {cfg.max_steps} = {cfg.max_steps / epoch_steps:.2f} epochs of {len(train_data):,} pairs "
@@ -370,6 +371,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         "trainable_params": info.trainable_params,
         "total_params": info.total_params,
         "attention": info.attention,
+        "attention_note": info.attention_note,
         "head": head_note,
         "compiled_regions": compiled,
         "dtype": str(info.dtype),

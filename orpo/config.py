@@ -23,7 +23,7 @@ from orpo.data import DATA_FORMATS
 MODES = ("full", "lora", "qlora")
 SCHEDULERS = ("linear", "cosine", "constant")
 OPTIMIZERS = ("adamw_torch", "paged_adamw_8bit", "adamw_8bit", "paged_adamw_32bit")
-ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "flash_attention_2", "eager")
+ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "flash_attention_2", "flex_attention", "eager")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 MIXED_PRECISIONS = ("auto", "no", "bf16", "fp16")
 
@@ -50,7 +50,9 @@ class TrainConfig:
     mixed_precision: str = "auto"
     """Autocast: `auto` is bf16 on GPUs that have it, fp16 on other GPUs, `no` on the CPU."""
     attn_implementation: str = "auto"
-    """`auto` picks flash_attention_2 when flash-attn is installed and the GPU supports it, else sdpa."""
+    """`auto` picks flash_attention_2 when flash-attn loads (transformers' check plus its CUDA extension)
+    and the GPU supports it, else sdpa (the plan says why). Or `sdpa`, `flash_attention_2`,
+    `flex_attention` (torch's FlexAttention), `eager`."""
     gradient_checkpointing: bool = True
     """Recompute activations in the backward pass (non-reentrant autograd)."""
     lora_r: int = 16

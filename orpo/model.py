@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import os
 import re
@@ -222,19 +223,59 @@ def resolve_mixed_precision(cfg: TrainConfig) -> str:
     return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "no"}[auto_compute_dtype("cuda")]
 
 
-def resolve_attention(requested: str, dtype: torch.dtype) -> str:
-    """flash_attention_2 when installed and usable (Ampere+ GPU, half precision), else sdpa."""
+def flash_attn_problem() -> str | None:
+    """Why flash_attention_2 cannot run here, or None when it can.
+
+    Decided as transformers decides (`is_flash_attn_2_available`: the `flash-attn` distribution,
+    version >= 2.3.3, CUDA present; a flash-attn-4 install, also imported as `flash_attn`, is not
+    it), then by importing the compiled extension: a wheel built for another torch or CUDA installs
+    fine and fails only there ("undefined symbol"), which would otherwise crash the first forward.
+    """
+    if importlib.util.find_spec("flash_attn") is None:
+        return "flash-attn is not installed (`make install-gpu`)"
+    from transformers.utils.import_utils import is_flash_attn_2_available
+
+    if not is_flash_attn_2_available():
+        found = ", ".join(
+            f"{d.metadata['Name']} {d.version}"
+            for d in importlib.metadata.distributions()
+            if (d.metadata["Name"] or "").lower().replace("_", "-").startswith("flash-attn")
+        )
+        return (
+            f"transformers does not take the installed flash_attn ({found or 'no distribution metadata'}) as "
+            "flash-attn 2: it needs the `flash-attn` distribution >= 2.3.3 and a CUDA torch"
+        )
+    try:
+        importlib.import_module("flash_attn_2_cuda")
+        importlib.import_module("flash_attn")
+    except Exception as err:  # ImportError (undefined symbol), OSError (missing libcudart), RuntimeError
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        return (
+            f"flash-attn's CUDA extension does not load ({type(err).__name__}: {first}): it was built for another "
+            f"torch ({torch.__version__}) or CUDA; rebuild it with `make install-gpu`"
+        )
+    return None
+
+
+def resolve_attention(requested: str, dtype: torch.dtype) -> tuple[str, str]:
+    """(attn_implementation, a note for the plan): flash_attention_2 when it loads and can run (an
+    Ampere+ GPU, half precision), else sdpa, saying why. An explicit flash_attention_2 that cannot
+    run is an error, raised before the model is loaded."""
     if requested != "auto":
-        if requested == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
-            raise ValueError("attn_implementation=flash_attention_2 needs flash-attn: `make install-gpu`, or use sdpa.")
-        return requested
-    usable = (
-        importlib.util.find_spec("flash_attn") is not None
-        and torch.cuda.is_available()
-        and torch.cuda.get_device_capability()[0] >= 8
-        and dtype in (torch.float16, torch.bfloat16)
-    )
-    return "flash_attention_2" if usable else "sdpa"
+        if requested == "flash_attention_2":
+            problem = flash_attn_problem()
+            if problem:
+                raise ConfigError(f"attn_implementation=flash_attention_2, but {problem}. Or use sdpa.")
+        return requested, ""
+    problem = flash_attn_problem()
+    if problem is None and not (torch.cuda.is_available() and tuple(torch.cuda.get_device_capability()) >= (8, 0)):
+        problem = "flash-attn 2 needs an Ampere or newer GPU (compute capability >= 8.0)"
+    if problem is None and dtype not in (torch.float16, torch.bfloat16):
+        problem = f"flash-attn 2 needs float16 or bfloat16 weights, not {dtype}"
+    if problem is None:
+        return "flash_attention_2", ""
+    installed = importlib.util.find_spec("flash_attn") is not None
+    return "sdpa", f" (not flash_attention_2: {problem})" if installed else ""
 
 
 @dataclass(frozen=True)
@@ -244,6 +285,7 @@ class ModelInfo:
     dtype: torch.dtype
     trainable_params: int
     total_params: int
+    attention_note: str = ""  # why flash_attention_2 was not chosen although flash-attn is installed
 
     def describe_params(self) -> str:
         share = 100.0 * self.trainable_params / max(self.total_params, 1)
@@ -255,7 +297,7 @@ def load_model(cfg: TrainConfig, device: torch.device | None = None) -> tuple[to
     from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
 
     dtype = resolve_dtype(cfg)
-    attention = resolve_attention(cfg.attn_implementation, dtype)
+    attention, attention_note = resolve_attention(cfg.attn_implementation, dtype)
     kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": attention}
     if cfg.random_init:
         if cfg.mode == "qlora":
@@ -309,7 +351,7 @@ def load_model(cfg: TrainConfig, device: torch.device | None = None) -> tuple[to
         model = get_peft_model(model, lora)
     trainable = sum(_stored_numel(p) for p in model.parameters() if p.requires_grad)
     total = sum(_stored_numel(p) for p in model.parameters())
-    return model, ModelInfo(source, attention, dtype, trainable, total)
+    return model, ModelInfo(source, attention, dtype, trainable, total, attention_note)
 
 
 def _zero3_enabled() -> bool:

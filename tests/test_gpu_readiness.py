@@ -173,3 +173,85 @@ def test_without_cuda_auto_is_float32_and_no_mixed_precision(monkeypatch: pytest
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert resolve_mixed_precision(TrainConfig()) == "no" and resolve_dtype(TrainConfig()) == torch.float32
+
+
+# ---- 3. flash-attn: decided as transformers decides, and by loading its extension ----------------
+
+
+def _clear_import_caches() -> None:
+    from transformers.utils import import_utils
+
+    for name in ("is_flash_attn_2_available", "is_torch_cuda_available", "_package_distribution_mapping"):
+        getattr(import_utils, name).cache_clear()
+    for module in ("flash_attn", "flash_attn_2_cuda"):
+        sys.modules.pop(module, None)
+
+
+@pytest.fixture
+def fake_flash_attn(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    """Installs a fake `flash_attn` on sys.path: fake_flash_attn(distribution, version, extension_error)."""
+
+    def install(distribution: str, version: str, extension_error: str | None) -> None:
+        (tmp_path / "flash_attn").mkdir()
+        (tmp_path / "flash_attn" / "__init__.py").write_text(f"__version__ = {version!r}\nimport flash_attn_2_cuda\n")
+        body = f"raise ImportError({extension_error!r})\n" if extension_error else "def fwd(): pass\n"
+        (tmp_path / "flash_attn_2_cuda.py").write_text(body)
+        info = tmp_path / f"{distribution.replace('-', '_')}-{version}.dist-info"
+        info.mkdir()
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {distribution}\nVersion: {version}\n")
+        (info / "top_level.txt").write_text("flash_attn\nflash_attn_2_cuda\n")
+        monkeypatch.syspath_prepend(str(tmp_path))
+        fake_gpu(monkeypatch, (9, 0))
+        _clear_import_caches()
+
+    yield install
+    monkeypatch.undo()
+    _clear_import_caches()
+
+
+BROKEN = "flash_attn_2_cuda.cpython-312-x86_64-linux-gnu.so: undefined symbol: _ZN3c104cuda9SetDeviceEi"
+
+
+def test_a_flash_attn_whose_extension_does_not_load_falls_back_to_sdpa(fake_flash_attn) -> None:
+    from orpo.model import resolve_attention
+
+    fake_flash_attn("flash-attn", "2.8.3", BROKEN)
+    attention, note = resolve_attention("auto", torch.bfloat16)
+    assert attention == "sdpa"
+    assert note.startswith(" (not flash_attention_2: flash-attn's CUDA extension does not load (ImportError: ")
+    assert "undefined symbol" in note and "make install-gpu" in note
+    with pytest.raises(ConfigError, match="attn_implementation=flash_attention_2, but flash-attn's CUDA extension"):
+        resolve_attention("flash_attention_2", torch.bfloat16)
+
+
+def test_flash_attn_4_is_not_taken_for_flash_attn_2(fake_flash_attn) -> None:
+    from orpo.model import resolve_attention
+
+    fake_flash_attn("flash-attn-4", "4.0.0b1", None)
+    attention, note = resolve_attention("auto", torch.bfloat16)
+    assert attention == "sdpa"
+    assert "transformers does not take the installed flash_attn (flash-attn-4 4.0.0b1) as flash-attn 2" in note
+
+
+def test_a_working_flash_attn_2_is_chosen_on_ampere_in_half_precision(
+    fake_flash_attn, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from orpo.model import resolve_attention
+
+    fake_flash_attn("flash-attn", "2.8.3", None)
+    assert resolve_attention("auto", torch.bfloat16) == ("flash_attention_2", "")
+    assert resolve_attention("flash_attention_2", torch.float16) == ("flash_attention_2", "")
+    attention, note = resolve_attention("auto", torch.float32)
+    assert attention == "sdpa" and "needs float16 or bfloat16 weights" in note
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    attention, note = resolve_attention("auto", torch.float16)
+    assert attention == "sdpa" and "compute capability >= 8.0" in note
+
+
+def test_without_flash_attn_sdpa_is_chosen_silently() -> None:
+    from orpo.model import resolve_attention
+
+    assert resolve_attention("auto", torch.bfloat16) == ("sdpa", "")
+    with pytest.raises(ConfigError, match="flash-attn is not installed"):
+        resolve_attention("flash_attention_2", torch.bfloat16)
+    assert resolve_attention("eager", torch.float32) == ("eager", "")
