@@ -255,3 +255,79 @@ def test_without_flash_attn_sdpa_is_chosen_silently() -> None:
     with pytest.raises(ConfigError, match="flash-attn is not installed"):
         resolve_attention("flash_attention_2", torch.bfloat16)
     assert resolve_attention("eager", torch.float32) == ("eager", "")
+
+
+# ---- 4. packed rows give flash-attention its varlen arguments ------------------------------------
+
+
+def _tiny_model(attention: str) -> torch.nn.Module:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from tests.conftest import TINY
+
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(TINY), attn_implementation=attention).eval()
+
+
+@pytest.fixture
+def recording_attention():
+    """A registered attention function (named like a flash one would be: not sdpa/eager/flex) that records
+    the kwargs each layer receives, then computes SDPA on the packed mask transformers built."""
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    calls: list[dict] = []
+
+    def recording(module: torch.nn.Module, *args: object, **kwargs: object) -> object:
+        calls.append(dict(kwargs))
+        return sdpa_attention_forward(module, *args, **kwargs)
+
+    AttentionInterface.register("orpo_recording", recording)
+    AttentionMaskInterface.register("orpo_recording", sdpa_mask)
+    yield calls
+    AttentionInterface._global_mapping.pop("orpo_recording", None)
+    AttentionMaskInterface._global_mapping.pop("orpo_recording", None)
+
+
+def test_packed_forward_hands_cu_seqlens_and_int_max_lengths_to_the_attention(recording_attention: list) -> None:
+    from orpo.collator import PackedPairCollator
+    from orpo.forward import policy_forward
+    from tests.test_collator import PAIRS
+
+    batch = PackedPairCollator()(PAIRS)
+    assert batch["max_seqlen"] == 7 and type(batch["max_seqlen"]) is int
+    with torch.no_grad():
+        got = policy_forward(_tiny_model("orpo_recording"), batch, None)
+        want = policy_forward(_tiny_model("sdpa"), batch, None)
+    assert len(recording_attention) == 2  # one call per layer
+    for kwargs in recording_attention:
+        assert kwargs["cu_seq_lens_q"].tolist() == [0, 5, 12, 15, 20] and kwargs["cu_seq_lens_q"].dtype == torch.int32
+        assert kwargs["cu_seq_lens_k"] is kwargs["cu_seq_lens_q"]
+        assert kwargs["max_length_q"] == kwargs["max_length_k"] == 7 and type(kwargs["max_length_q"]) is int
+    for a, b in zip(got, want, strict=True):  # the same numbers as SDPA's packed path
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_sdpa_and_padded_forwards_get_no_varlen_arguments(monkeypatch: pytest.MonkeyPatch) -> None:
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    from orpo.collator import PackedPairCollator, PairCollator
+    from orpo.forward import policy_forward, to_device
+    from tests.test_collator import PAIRS
+
+    seen: list[set] = []
+    sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
+
+    def spy(*args: object, **kwargs: object) -> object:
+        seen.append(set(kwargs))
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS._global_mapping, "sdpa", spy)
+    model = _tiny_model("sdpa")
+    with torch.no_grad():
+        packed = policy_forward(model, to_device(PackedPairCollator()(PAIRS), torch.device("cpu")), None)
+        padded = policy_forward(model, PairCollator(0)(PAIRS), None)
+    assert len(seen) == 4 and not any(k & {"cu_seq_lens_q", "max_length_q"} for k in seen)
+    for a, b in zip(packed, padded, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
