@@ -28,16 +28,21 @@ lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-# The published recipe on this machine's GPU (needs the hub and a GPU).
+# The published recipe on this machine's first GPU (needs the hub and a GPU); the single-GPU launch
+# config, not whatever `accelerate config` left as the user's default.
 train: venv
-	HF_HUB_OFFLINE=0 HF_DATASETS_OFFLINE=0 $(VENV)/bin/accelerate launch train_orpo.py --config configs/mistral7b_qlora.yaml
+	HF_HUB_OFFLINE=0 HF_DATASETS_OFFLINE=0 $(VENV)/bin/accelerate launch --config_file accelerate_configs/single_gpu.yaml \
+		train_orpo.py --config configs/mistral7b_qlora.yaml $(ARGS)
 
-# The recipe on every GPU of this machine, DeepSpeed ZeRO-3 by default. The global batch stays the
-# recipe's (64): accumulation = 64 / (per_device_batch_size x NUM_GPUS). Extra overrides: ARGS="k=v ...".
+# The recipe on every GPU of this machine. The launch config follows the recipe's mode (after ARGS):
+# DDP for lora/qlora (a 4-bit base is whole on every rank: ZeRO-3 would only add all-gathers), ZeRO-3
+# for full; ACCEL=... picks another. The global batch stays the recipe's (64): accumulation =
+# 64 / (per_device_batch_size x NUM_GPUS). Extra overrides: ARGS="k=v ...".
 NUM_GPUS ?= $(shell nvidia-smi -L 2>/dev/null | wc -l)
 CONFIG ?= configs/mistral7b_qlora.yaml
-ACCEL ?= accelerate_configs/zero3.yaml
+ACCEL ?= $(shell $(PY) scripts/launch_config.py --config $(CONFIG) $(ARGS) 2>/dev/null)
 train-multigpu: venv
+	@if [ -z "$(ACCEL)" ]; then $(PY) scripts/launch_config.py --config $(CONFIG) $(ARGS); exit 2; fi
 	@if [ "$(NUM_GPUS)" -lt 1 ] 2>/dev/null || [ -z "$(NUM_GPUS)" ]; then \
 		echo "No GPU found (nvidia-smi -L lists none); set NUM_GPUS=N." >&2; exit 2; fi
 	HF_HUB_OFFLINE=0 HF_DATASETS_OFFLINE=0 $(VENV)/bin/accelerate launch --config_file $(ACCEL) \

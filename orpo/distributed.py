@@ -27,6 +27,20 @@ def init_processes() -> tuple[PartialState, bool]:
     return PartialState(cpu=True, backend="gloo"), True
 
 
+# `make train-multigpu`'s default launch config per mode. QLoRA's 4-bit base skips zero.Init and is
+# whole on every rank, and LoRA's frozen base gains nothing from sharding when it fits one GPU: ZeRO-3
+# would only add all-gathers, so DDP. Full fine-tuning shards everything (ZeRO-3).
+LAUNCH_CONFIGS = {
+    "full": "accelerate_configs/zero3.yaml",
+    "lora": "accelerate_configs/ddp.yaml",
+    "qlora": "accelerate_configs/ddp.yaml",
+}
+
+
+def default_launch_config(cfg: TrainConfig) -> str:
+    return LAUNCH_CONFIGS[cfg.mode]
+
+
 def compile_plugin(cfg: TrainConfig) -> TorchDynamoPlugin | None:
     """torch_compile: regional compilation of the decoder layers with dynamic shapes (every micro-batch
     has its own length); accelerate applies it in prepare(), after DDP or DeepSpeed wrapping. None

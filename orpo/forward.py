@@ -117,6 +117,22 @@ def forward_orpo(
     return out
 
 
+def head_matmul_dtype(mixed_precision: str, device: torch.device) -> torch.dtype | None:
+    """The operand dtype of the chunked head's matmuls (orpo/logprobs.py `_matmul`); None: float32.
+
+    bf16: bf16 operands, float32 accumulation and output. fp16 on CUDA: fp16 operands into
+    `torch.mm(out_dtype=float32)` (tensor cores, float32 accumulation), like the unfused head under
+    fp16 autocast but with float32 logits; the logits' gradient is cast to fp16 on the way back, which
+    the GradScaler's loss scale keeps out of fp16's underflow range as it does for every other fp16
+    gradient. fp16 elsewhere (the CPU has no mm with out_dtype): float32 operands, as before.
+    """
+    if mixed_precision == "bf16":
+        return torch.bfloat16
+    if mixed_precision == "fp16" and device.type == "cuda":
+        return torch.float16
+    return None
+
+
 def resolve_head(cfg: TrainConfig, model: torch.nn.Module, mixed_precision: str) -> tuple[LMHead | None, str]:
     """The chunked head when asked for and possible, else None (full logits), and why."""
     if not cfg.chunked_head:
@@ -125,8 +141,8 @@ def resolve_head(cfg: TrainConfig, model: torch.nn.Module, mixed_precision: str)
         module = head_module(model)
     except ValueError as err:
         return None, f"full logits: {err}"
-    matmul_dtype = torch.bfloat16 if mixed_precision == "bf16" else None
     params = list(module.parameters())
+    matmul_dtype = head_matmul_dtype(mixed_precision, params[0].device)
     if any(hasattr(p, "ds_id") for p in params):  # DeepSpeed ZeRO-3: partitioned outside the head's forward
         if not any(p.requires_grad for p in params) and type(module) is torch.nn.Linear:
             import deepspeed

@@ -4,6 +4,7 @@ monkeypatched. The tests that need a GPU are in tests/test_gpu.py (marked `gpu`)
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -331,3 +332,71 @@ def test_sdpa_and_padded_forwards_get_no_varlen_arguments(monkeypatch: pytest.Mo
     assert len(seen) == 4 and not any(k & {"cu_seq_lens_q", "max_length_q"} for k in seen)
     for a, b in zip(packed, padded, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+# ---- 5. launch configs, and the chunked head's operands under fp16 ------------------------------
+
+
+@pytest.mark.skipif(not shutil.which("make"), reason="make is not installed")
+@pytest.mark.parametrize(
+    ("config", "args", "expected"),
+    [
+        ("configs/mistral7b_qlora.yaml", "", "accelerate_configs/ddp.yaml"),  # qlora: DDP
+        ("configs/mistral7b_qlora.yaml", "mode=lora", "accelerate_configs/ddp.yaml"),
+        ("configs/mistral7b_qlora.yaml", "mode=full", "accelerate_configs/zero3.yaml"),
+        ("configs/tiny.yaml", "", "accelerate_configs/zero3.yaml"),  # tiny is mode: full
+    ],
+)
+def test_make_train_multigpu_picks_ddp_for_lora_and_qlora_and_zero3_for_full(
+    config: str, args: str, expected: str
+) -> None:
+    done = subprocess.run(
+        ["make", "-n", "train-multigpu", "NUM_GPUS=2", f"CONFIG={config}", f"ARGS={args}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert f"accelerate launch --config_file {expected} " in done.stdout
+    assert f"--num_processes 2 train_orpo.py --config {config} {args}".rstrip() in done.stdout
+
+
+@pytest.mark.skipif(not shutil.which("make"), reason="make is not installed")
+def test_make_train_uses_the_single_gpu_launch_config_and_accel_still_overrides() -> None:
+    train = subprocess.run(["make", "-n", "train"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert "accelerate launch --config_file accelerate_configs/single_gpu.yaml " in train.stdout
+    chosen = subprocess.run(
+        ["make", "-n", "train-multigpu", "NUM_GPUS=2", "ACCEL=accelerate_configs/zero2.yaml"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert "--config_file accelerate_configs/zero2.yaml " in chosen.stdout
+
+
+@pytest.mark.parametrize(
+    ("mixed", "device", "expected"),
+    [
+        ("bf16", "cuda", torch.bfloat16),
+        ("bf16", "cpu", torch.bfloat16),
+        ("fp16", "cuda", torch.float16),  # fp16 operands, float32 accumulation (mm out_dtype)
+        ("fp16", "cpu", None),  # no mm(out_dtype=) on the CPU: float32 operands, as before
+        ("no", "cuda", None),
+        ("no", "cpu", None),
+    ],
+)
+def test_chunked_head_operands_follow_mixed_precision(mixed: str, device: str, expected: torch.dtype | None) -> None:
+    from orpo.forward import head_matmul_dtype
+
+    assert head_matmul_dtype(mixed, torch.device(device)) == expected
+
+
+def test_resolve_head_under_fp16_keeps_float32_operands_on_the_cpu() -> None:
+    from orpo.forward import resolve_head
+
+    head, _ = resolve_head(TrainConfig(), _tiny_model("sdpa"), "fp16")
+    assert head is not None and head.matmul_dtype is None
+    head, _ = resolve_head(TrainConfig(), _tiny_model("sdpa"), "bf16")
+    assert head.matmul_dtype == torch.bfloat16
