@@ -82,7 +82,7 @@ from orpo.guards import (
     poison_if_non_finite,
     release_output_locks,
 )
-from orpo.metrics import FlopsModel, MetricSums, device_peak_tflops, mean_of, peak_memory_gb, prefixed
+from orpo.metrics import FlopsModel, MetricSums, device_peak_tflops, mean_of, prefixed, window_memory
 from orpo.model import ModelInfo, load_model, load_tokenizer, require_cuda, resolve_mixed_precision, save_trained
 from orpo.optim import build_optimizer, build_scheduler, lr_lambda
 from orpo.report import write_report
@@ -542,7 +542,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             logged.update(
                 tokens_per_s=tokens / seconds,
                 pairs_per_s=sum(m["pairs"] for m in p.window) / seconds,
-                peak_mem_gb=peak_memory_gb(accelerator.device),
+                **window_memory(accelerator),  # peak since the last window, max over ranks
                 skipped_steps=p.skipped_steps,
             )
             if peak_tflops:

@@ -100,6 +100,13 @@ def configure_deepspeed(accelerator: Accelerator, cfg: TrainConfig, plan: BatchP
             "The DeepSpeed config sets bf16.check_grad_overflow=false; remove it: the engine must skip a step "
             "whose gradient is not finite, which is how the non-finite guard (max_skipped_steps) skips it."
         )
+    offload = ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
+    if offload in ("cpu", "nvme") and cfg.optim != "adamw_torch":
+        raise ConfigError(
+            f"The DeepSpeed config offloads the optimizer (zero_optimization.offload_optimizer.device={offload!r}) "
+            f"but optim={cfg.optim}: 8-bit and paged bitsandbytes states cannot be offloaded (the step runs "
+            "DeepSpeedCPUAdam). Set optim=adamw_torch, or use a launch config without offload."
+        )
     for section in ("optimizer", "scheduler"):
         if section in ds:
             raise ConfigError(

@@ -400,3 +400,89 @@ def test_resolve_head_under_fp16_keeps_float32_operands_on_the_cpu() -> None:
     assert head is not None and head.matmul_dtype is None
     head, _ = resolve_head(TrainConfig(), _tiny_model("sdpa"), "bf16")
     assert head.matmul_dtype == torch.bfloat16
+
+
+# ---- 6. metrics that mean what they say on a GPU -------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "peak"),
+    [
+        ("NVIDIA H100 80GB HBM3", 989.4),
+        ("NVIDIA H100 PCIe", 756.0),
+        ("NVIDIA H100 NVL", 835.5),
+        ("NVIDIA H200", 989.4),
+        ("NVIDIA A100-SXM4-80GB", 312.0),
+        ("NVIDIA L40", 181.05),  # not the L4's 121
+        ("NVIDIA L40S", 362.05),
+        ("NVIDIA L4", 121.0),
+        ("NVIDIA A10", 125.0),
+        ("NVIDIA A10G", None),  # not the A10's
+        ("NVIDIA GeForce RTX 4090", 165.2),
+        ("Tesla T4", None),  # no bf16
+        ("NVIDIA H100 SXM5 96GB", None),  # unknown variants log no MFU rather than a guess
+    ],
+)
+def test_mfu_peak_matches_device_names_exactly(monkeypatch: pytest.MonkeyPatch, name: str, peak: float | None) -> None:
+    from orpo.metrics import device_peak_tflops
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    assert device_peak_tflops(torch.device("cuda")) == peak
+    assert device_peak_tflops(torch.device("cpu")) is None
+
+
+class FakeCudaMemory:
+    """torch.cuda's peak counters for one rank: a peak that holds until reset."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, allocated: float, reserved: float) -> None:
+        self.allocated, self.reserved, self.resets = allocated, reserved, 0
+        monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: self.allocated)
+        monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda device=None: self.reserved)
+        monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", self.reset)
+
+    def reset(self, device: object = None) -> None:
+        self.resets += 1
+        self.allocated, self.reserved = 1e9, 2e9  # what the tensors alive at the reset hold
+
+
+def test_peak_memory_is_per_window_and_reserved_is_logged(monkeypatch: pytest.MonkeyPatch) -> None:
+    from types import SimpleNamespace
+
+    from orpo.metrics import window_memory
+
+    memory = FakeCudaMemory(monkeypatch, allocated=7.5e9, reserved=9e9)
+    accelerator = SimpleNamespace(device=torch.device("cuda"), num_processes=1)
+    assert window_memory(accelerator) == {"peak_mem_gb": 7.5, "reserved_mem_gb": 9.0}
+    assert memory.resets == 1
+    assert window_memory(accelerator) == {"peak_mem_gb": 1.0, "reserved_mem_gb": 2.0}  # not the run-wide 7.5
+
+
+def test_peak_memory_is_the_maximum_over_ranks(monkeypatch: pytest.MonkeyPatch) -> None:
+    from types import SimpleNamespace
+
+    from orpo.metrics import window_memory
+
+    FakeCudaMemory(monkeypatch, allocated=3e9, reserved=4e9)
+    other_rank = torch.tensor([6e9 / 1e9, 3.5e9 / 1e9], dtype=torch.float64)
+
+    def all_reduce(tensor: torch.Tensor, op: object = None) -> None:
+        assert op == torch.distributed.ReduceOp.MAX
+        tensor.copy_(torch.maximum(tensor, other_rank))
+
+    monkeypatch.setattr(torch.distributed, "all_reduce", all_reduce)
+    accelerator = SimpleNamespace(device=torch.device("cuda"), num_processes=2)
+    # the reduced tensor goes to the (fake) CUDA device: keep it on the CPU for this test
+    real_tensor = torch.tensor
+    monkeypatch.setattr(torch, "tensor", lambda data, **kw: real_tensor(data, **{**kw, "device": "cpu"}))
+    assert window_memory(accelerator) == {"peak_mem_gb": 6.0, "reserved_mem_gb": 4.0}
+
+
+def test_zero3_offload_with_an_8bit_optimizer_is_refused_before_the_model_loads() -> None:
+    import json
+
+    from tests.test_distributed import configure
+
+    offload = json.loads((ROOT / "ds_configs" / "zero3_offload.json").read_text())
+    with pytest.raises(ConfigError, match=r"offload_optimizer.device='cpu'\) but optim=paged_adamw_8bit"):
+        configure(offload)  # the recipe's optimizer
+    configure(offload, "optim=adamw_torch")
