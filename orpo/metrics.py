@@ -82,7 +82,8 @@ class MetricSums:
                 nll_sum.detach().double(),
                 nll_tokens.double(),
                 (-F.logsigmoid(log_odds_ratio.double())).sum(),
-                torch.tensor(float(len(chosen_logps)), dtype=torch.float64, device=self.sums.device),
+                # a fill on the device, not a host-to-device copy of a Python number (a sync on CUDA)
+                torch.full((), float(len(chosen_logps)), dtype=torch.float64, device=self.sums.device),
                 chosen_logps.detach().double().sum(),
                 rejected_logps.detach().double().sum(),
                 log_odds_ratio.double().sum(),

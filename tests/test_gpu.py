@@ -254,3 +254,24 @@ def test_recipe_micro_batch_fits_a_24_gb_card(tmp_path_factory: pytest.TempPathF
     )
     assert torch.isfinite(out.loss)
     assert reserved < 20.0, f"{reserved:.2f} GiB reserved: leaves too little of a 24 GB card's 22 GiB usable"
+
+
+def test_metric_sums_add_no_host_sync() -> None:
+    """MetricSums.add runs once per micro-batch: it must not copy host values to the device (a sync)."""
+    sums = MetricSums(CUDA)
+    chosen, rejected = torch.tensor([-1.0, -2.0], device=CUDA), torch.tensor([-1.5, -1.0], device=CUDA)
+    ratio, nll, nll_tokens, tokens = (torch.tensor(v, device=CUDA) for v in ([0.3, -0.2], 5.0, 7, 20))
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        sums.add(chosen, rejected, ratio, nll, nll_tokens, tokens)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert sums.sums.tolist()[:4] == [
+        5.0,
+        7.0,
+        pytest.approx(
+            float(-torch.nn.functional.logsigmoid(torch.tensor([0.3, -0.2], dtype=torch.float64)).sum()), abs=1e-6
+        ),
+        2.0,
+    ]

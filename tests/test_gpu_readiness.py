@@ -486,3 +486,24 @@ def test_zero3_offload_with_an_8bit_optimizer_is_refused_before_the_model_loads(
     with pytest.raises(ConfigError, match=r"offload_optimizer.device='cpu'\) but optim=paged_adamw_8bit"):
         configure(offload)  # the recipe's optimizer
     configure(offload, "optim=adamw_torch")
+
+
+# ---- 7. no host-to-device copies per micro-batch in the metric sums ------------------------------
+
+
+def test_metric_sums_add_makes_no_tensor_from_host_values(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch.tensor(python value, device=cuda) is a synchronous copy; add() runs once per micro-batch.
+    (tests/test_gpu.py checks the same on CUDA with sync debug mode.)"""
+    from orpo.metrics import MetricSums
+
+    sums = MetricSums(torch.device("cpu"))
+    args = (torch.tensor([-1.0, -2.0]), torch.tensor([-1.5, -1.0]), torch.tensor([0.3, -0.2]))
+    counts = (torch.tensor(5.0), torch.tensor(7), torch.tensor(20))
+
+    def no_host_values(*a: object, **k: object) -> None:
+        raise AssertionError("MetricSums.add built a tensor from host values")
+
+    monkeypatch.setattr(torch, "tensor", no_host_values)
+    sums.add(*args, *counts)
+    monkeypatch.undo()
+    assert sums.sums[:4].tolist() == [5.0, 7.0, pytest.approx(1.3524941138501188, abs=1e-6), 2.0]
