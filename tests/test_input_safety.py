@@ -23,6 +23,7 @@ import train_orpo
 from orpo.checkpoint import CheckpointError, find_resume_checkpoint, write_manifest
 from orpo.config import ConfigError, load_config
 from orpo.data import DataError
+from orpo.model import ModelLoadError
 from tests.conftest import ROOT, TINY_CONFIG, reset_accelerate
 from tests.test_reliability import SORT, digest_tree
 
@@ -80,8 +81,8 @@ def old_run(out: Path) -> dict[str, str]:
     ("bad", "error"),
     [
         ("dataset={tmp}/trian.jsonl", DataError),  # a typo in the data set
-        ("tokenizer_name_or_path={tmp}/no_tokenizer", OSError),
-        ("model_name_or_path={tmp}/no_model", ValueError),  # tokenizer fine, no model there
+        ("tokenizer_name_or_path={tmp}/no_tokenizer", ModelLoadError),  # was a bare OSError before issue 11
+        ("model_name_or_path={tmp}/no_model", ModelLoadError),  # tokenizer fine, no model there
     ],
     ids=["dataset", "tokenizer", "model"],
 )
