@@ -133,9 +133,8 @@ def plan_lines(
     return [
         f"model        {info.description}",
         f"mode         {cfg.mode}: {info.describe_params()}",
-        f"precision    weights {info.dtype}, mixed precision {mixed_precision}, attention {info.attention}"
-        f"{info.attention_note}, "
-        f"gradient checkpointing {checkpointing}",
+        f"precision    weights {info.weights or info.dtype}, mixed precision {mixed_precision}, "
+        f"attention {info.attention}{info.attention_note}, gradient checkpointing {checkpointing}",
         f"batch        {plan.describe()}",
         f"steps        {cfg.max_steps} = {cfg.max_steps / epoch_steps:.2f} epochs of {len(train_data):,} pairs "
         f"({epoch_steps} steps each)",

@@ -440,9 +440,7 @@ class PairTokenizer:
         self.eos = tokenizer.eos_token_id
         with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
         self.adds_bos = self.bos is not None and bool(with_special) and with_special[0] == self.bos
-        # End of a turn: EOS, or any special token a template closes turns with (<|eot_id|>, <|im_end|>).
-        self.terminators = set(tokenizer.all_special_ids) - {self.bos, tokenizer.pad_token_id, tokenizer.unk_token_id}
-        self.terminators.add(self.eos)
+        self.terminators = end_of_turn_ids(tokenizer)
 
     def encode(self, text: str) -> list[int]:
         ids = self.tok(text, add_special_tokens=False)["input_ids"]
@@ -494,6 +492,41 @@ class PairTokenizer:
             fitted.append((prompt + response, len(prompt)))
         (c_ids, c_len), (r_ids, r_len) = fitted
         return Tokenized(c_ids, c_len, r_ids, r_len)
+
+
+def end_of_turn_ids(tokenizer: Any) -> set[int]:
+    """EOS and the special tokens a chat template may close a turn with (<|eot_id|>, <|im_end|>,
+    <end_of_turn>): a response ending in one gets no extra EOS, and generation stops at any of them.
+
+    Special means named by the tokenizer (`all_special_ids`) *or* flagged `special` among its added
+    tokens (tokenizer.json's `"special": true`, `added_tokens_decoder`): `all_special_ids` lists only
+    the tokens the config names (bos, eos, pad, unk, extra special tokens), so a tokenizer whose
+    config names another EOS leaves <|im_end|> out of it. BOS, pad and unk never end a turn, except
+    the token the template itself writes right after an assistant answer (found by rendering a probe
+    chat), which does even when it doubles as the pad token.
+    """
+    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    special = set(tokenizer.all_special_ids) | {i for i, t in added.items() if getattr(t, "special", False)}
+    ids = special - {tokenizer.bos_token_id, tokenizer.pad_token_id, tokenizer.unk_token_id}
+    ids.add(tokenizer.eos_token_id)
+    closer = _template_turn_end(tokenizer)
+    if closer is not None and closer in special:
+        ids.add(closer)
+    return ids - {None}
+
+
+def _template_turn_end(tokenizer: Any) -> int | None:
+    """The first token the chat template writes after an assistant answer, or None."""
+    probe = "Probe answer 7"
+    chat = [{"role": "user", "content": "Probe"}, {"role": "assistant", "content": probe}]
+    try:
+        text = tokenizer.apply_chat_template(chat, tokenize=False)
+    except Exception:  # no template, or one that refuses this chat (jinja raise_exception): no probe
+        return None
+    if not isinstance(text, str) or probe not in text:
+        return None
+    after = tokenizer(text[text.rindex(probe) + len(probe) :], add_special_tokens=False)["input_ids"]
+    return after[0] if after else None
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
@@ -630,6 +663,7 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
         repr(sorted(tokenizer.special_tokens_map.items())),
         # PairTokenizer's BOS rule and end-of-turn set depend on these; special_tokens_map omits extras.
         repr(sorted(tokenizer.all_special_ids)),
+        repr(sorted(end_of_turn_ids(tokenizer))),
         repr(tokenizer("a", add_special_tokens=True)["input_ids"]),
     ]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()

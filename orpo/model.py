@@ -6,6 +6,7 @@ import importlib.metadata
 import importlib.util
 import os
 import re
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -286,6 +287,7 @@ class ModelInfo:
     trainable_params: int
     total_params: int
     attention_note: str = ""  # why flash_attention_2 was not chosen although flash-attn is installed
+    weights: str = ""  # what the weights are stored as, for the plan (NF4 is not its compute dtype)
 
     def describe_params(self) -> str:
         share = 100.0 * self.trainable_params / max(self.total_params, 1)
@@ -300,6 +302,7 @@ def load_model(cfg: TrainConfig, device: torch.device | None = None) -> tuple[to
     attention, attention_note = resolve_attention(cfg.attn_implementation, dtype)
     kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": attention}
     if cfg.random_init:
+        warn_if_real_weights(cfg.model_name_or_path)
         if cfg.mode == "qlora":
             raise ValueError("random_init with mode=qlora is not supported: save the random model, then load it.")
         torch.manual_seed(cfg.seed)
@@ -326,6 +329,15 @@ def load_model(cfg: TrainConfig, device: torch.device | None = None) -> tuple[to
             lambda: AutoModelForCausalLM.from_pretrained(cfg.model_name_or_path, **kwargs),
         )
         source = cfg.model_name_or_path
+    weights = str(dtype)
+    if cfg.mode == "qlora":
+        # The plan used to print the compute dtype as if it were the weights' (`weights torch.float32`).
+        quant = kwargs["quantization_config"]
+        weights = (
+            f"NF4 4-bit{' with double quantisation' if quant.bnb_4bit_use_double_quant else ''}, stored as "
+            f"{quant.bnb_4bit_quant_storage}, compute {quant.bnb_4bit_compute_dtype}; LoRA and unquantised "
+            "layers (embeddings, norms, head) float32"
+        )
     model.config.use_cache = False
     gc_kwargs = {"use_reentrant": False}
     if cfg.mode == "qlora":
@@ -351,7 +363,25 @@ def load_model(cfg: TrainConfig, device: torch.device | None = None) -> tuple[to
         model = get_peft_model(model, lora)
     trainable = sum(_stored_numel(p) for p in model.parameters() if p.requires_grad)
     total = sum(_stored_numel(p) for p in model.parameters())
-    return model, ModelInfo(source, attention, dtype, trainable, total, attention_note)
+    info = ModelInfo(source, attention, dtype, trainable, total, attention_note=attention_note, weights=weights)
+    return model, info
+
+
+def warn_if_real_weights(path: str) -> None:
+    """`random_init: true` (configs/tiny.yaml sets it) reads only config.json: pointed at a directory of
+    trained weights it would silently train a random model. Warn loudly (the run goes on: training a
+    real architecture from scratch is legitimate, but it should never happen by accident)."""
+    folder = Path(path)
+    found = sorted(p.name for p in folder.glob("*.safetensors")) + sorted(p.name for p in folder.glob("*.bin"))
+    if folder.is_dir() and found:
+        warnings.warn(
+            f"random_init=true: {path} holds trained weights ({', '.join(found[:3])}"
+            f"{', ...' if len(found) > 3 else ''}) that will NOT be loaded; the model starts from random "
+            "weights built from its config.json. To train those weights, set random_init=false "
+            "(configs/tiny.yaml sets it to true for the from-scratch demo).",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def _zero3_enabled() -> bool:

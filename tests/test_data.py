@@ -503,10 +503,27 @@ def test_second_load_comes_from_the_cache(
     assert split_arrays(third)["tokens"] != split_arrays(first)["tokens"]
 
 
+def _im_end_not_special() -> PreTrainedTokenizerFast:
+    """char_tokenizer with "<|im_end|>" an ordinary added token (tokenizer.json's special: false)."""
+    spec = json.loads(char_tokenizer(IM_END_TEMPLATE).backend_tokenizer.to_str())
+    for added in spec["added_tokens"]:
+        if added["content"] == "<|im_end|>":
+            added["special"] = False
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(json.dumps(spec)),
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+    )
+    tok.chat_template = IM_END_TEMPLATE
+    return tok
+
+
 def test_cache_key_changes_with_the_end_of_turn_tokens(tmp_path: Path) -> None:
     rows = [{"prompt": "q?", "chosen": "yo", "rejected": "no"}]
     data = write_jsonl(tmp_path / "train.jsonl", rows)
-    unregistered = char_tokenizer(IM_END_TEMPLATE)  # "<|im_end|>" is then content: EOS is appended
+    unregistered = _im_end_not_special()  # "<|im_end|>" is then content: EOS is appended
     registered = char_tokenizer(IM_END_TEMPLATE, im_end_special=True)
     expected = tokenize_rows(rows, PairTokenizer(registered, 64, 32))
     assert split_arrays(expected) != split_arrays(tokenize_rows(rows, PairTokenizer(unregistered, 64, 32)))

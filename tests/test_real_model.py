@@ -228,6 +228,26 @@ def test_pair_tokens_are_the_chat_templates(tokenizer: Any, case: str) -> None:
     assert merged_case == MERGES_AT_BOUNDARY.get(case, [False, False]), merged_case
 
 
+def test_im_end_ends_turns_when_the_config_names_another_eos(tokenizer: Any, tmp_path: Path) -> None:
+    """SmolLM2's tokenizer saved with eos/pad = <|endoftext|>: all_special_ids then misses <|im_end|>
+    (tokenizer.json still flags it special). Responses end with <|im_end|> alone, and the trainer's
+    tokens are still the chat template's."""
+    from transformers import AutoTokenizer
+
+    tokenizer.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    config.update(eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    other = AutoTokenizer.from_pretrained(tmp_path)
+    im_end = other.convert_tokens_to_ids(IM_END)
+    assert other.eos_token == "<|endoftext|>" and im_end not in other.all_special_ids
+    pair = normalise_row(CASES["plain_system"])
+    tokenized = PairTokenizer(other, max_length=512, max_prompt_length=256)(pair)
+    full = template_ids(other, pair.prompt + [{"role": "assistant", "content": pair.chosen}], False)
+    assert tokenized.chosen_ids == full[:-1] and tokenized.chosen_ids[-1] == im_end
+    assert other.eos_token_id not in tokenized.chosen_ids + tokenized.rejected_ids
+
+
 # ---- one ORPO forward against float64 ------------------------------------------------------------
 
 
