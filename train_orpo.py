@@ -37,11 +37,23 @@ from orpo.chat import log_samples, sample_prompts
 from orpo.checkpoint import (
     CheckpointError,
     Progress,
+    base_config_fingerprint,
+    base_weights_sha256,
+    check_base,
+    check_layout,
+    check_max_steps,
+    checkpoint_sizes,
     checkpoints_dir,
     clear_staging,
+    deepspeed_state_kwargs,
+    expected_checkpoint_bytes,
     finalize,
     find_resume_checkpoint,
+    install_model_hooks,
+    megabytes,
+    process_layout,
     read_trainer_state,
+    restore_missing_rng,
     resume_key,
     staging_dir,
 )
@@ -64,13 +76,16 @@ from orpo.guards import (
     RunStopped,
     StopRequest,
     check_output_dir,
+    check_same_data,
     check_skipped_fraction,
     check_trackers,
+    clear_for_overwrite,
     poison_if_non_finite,
+    release_output_locks,
 )
-from orpo.metrics import FlopsModel, MetricSums, device_peak_tflops, mean_of, peak_memory_gb, prefixed
-from orpo.model import ModelInfo, load_model, load_tokenizer, resolve_mixed_precision, save_trained
-from orpo.optim import build_optimizer, build_scheduler
+from orpo.metrics import FlopsModel, MetricSums, device_peak_tflops, mean_of, prefixed, window_memory
+from orpo.model import ModelInfo, load_model, load_tokenizer, require_cuda, resolve_mixed_precision, save_trained
+from orpo.optim import build_optimizer, build_scheduler, lr_lambda
 from orpo.report import write_report
 from orpo.sampling import global_batches, pair_lengths
 from orpo.teardown import leave
@@ -105,6 +120,8 @@ def plan_lines(
     mixed_precision: str,
     train_data: PreferenceSplit,
     eval_indices: np.ndarray | None,
+    checkpoint_line: str = "",
+    schedule_line: str = "",
 ) -> list[str]:
     """What rank 0 prints before the first step: what will run, and how big each step is."""
     epoch_steps = len(train_data) // plan.global_batch
@@ -118,17 +135,66 @@ def plan_lines(
     return [
         f"model        {info.description}",
         f"mode         {cfg.mode}: {info.describe_params()}",
-        f"precision    weights {info.dtype}, mixed precision {mixed_precision}, attention {info.attention}, "
-        f"gradient checkpointing {checkpointing}",
+        f"precision    weights {info.weights or info.dtype}, mixed precision {mixed_precision}, "
+        f"attention {info.attention}{info.attention_note}, gradient checkpointing {checkpointing}",
         f"batch        {plan.describe()}",
         f"steps        {cfg.max_steps} = {cfg.max_steps / epoch_steps:.2f} epochs of {len(train_data):,} pairs "
         f"({epoch_steps} steps each)",
         f"per step     {plan.global_batch} pairs, ~{plan.global_batch * train_data.mean_tokens_per_pair():,.0f} tokens",
         f"optimizer    {cfg.optim}, lr {cfg.learning_rate:g}, {cfg.lr_scheduler} after {plan.warmup_steps} warmup "
         f"steps, clip {cfg.max_grad_norm:g}, lambda {cfg.orpo_lambda:g}",
+        *([f"schedule     {schedule_line}"] if schedule_line else []),
         f"eval         {evaluation}",
+        *([f"checkpoints  {checkpoint_line}"] if checkpoint_line else []),
         f"output       {cfg.output_dir}",
     ]
+
+
+def data_order_until(path: Path, step: int) -> list[str]:
+    """The lines of data_order.jsonl for steps up to `step` (what the checkpoint resumed from has
+    trained). A line that does not parse is dropped: a kill while appending leaves the last one half
+    written, and a record must not stop a resume."""
+    kept = []
+    for line in path.read_text().split("\n") if path.exists() else []:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
+            kept.append(line)
+    return kept
+
+
+def checkpoint_plan(cfg: TrainConfig, model: torch.nn.Module, deepspeed: bool) -> str:
+    """The plan's checkpoint line: how often, and how big each one will be."""
+    if not cfg.save_steps:
+        return "off (save_steps=0): a stopped run cannot be resumed, a finished one cannot be extended"
+    full = cfg.mode == "full"
+    count, model_bytes, optimizer_bytes = expected_checkpoint_bytes(model, cfg.optim, full, deepspeed)
+    what = "all" if full else "trainable (adapter) only, no frozen base:"
+    return (
+        f"every {cfg.save_steps} steps and at the last, keep {cfg.keep_last}; "
+        f"~{megabytes(model_bytes + optimizer_bytes)} each = model part {what} {count:,} params = "
+        f"{megabytes(model_bytes)} + optimizer state "
+        f"~{megabytes(optimizer_bytes)} ({cfg.optim}{', DeepSpeed fp32 master copy' if deepspeed else ''})"
+    )
+
+
+def schedule_plan(cfg: TrainConfig, saved_schedule: dict[str, int], step: int, warmup_steps: int) -> str:
+    """How the learning-rate schedule continues when a resumed run has another max_steps than the one
+    its checkpoint was trained for. The warmup steps stay those of the checkpoint (they have run);
+    the decay is recomputed for the new max_steps and continues from the current step: the learning
+    rate at step s is the one a run started with this max_steps and these warmup steps would use
+    (HF Trainer also recomputes the schedule for the new max_steps, warmup included)."""
+    if saved_schedule.get("max_steps", cfg.max_steps) == cfg.max_steps:
+        return ""
+    old = cfg.learning_rate * lr_lambda(step - 1, warmup_steps, saved_schedule["max_steps"], cfg.lr_scheduler)
+    new = cfg.learning_rate * lr_lambda(step, warmup_steps, cfg.max_steps, cfg.lr_scheduler)
+    return (
+        f"resumed at step {step}: max_steps {saved_schedule['max_steps']} -> {cfg.max_steps}; {cfg.lr_scheduler} "
+        f"recomputed to end at step {cfg.max_steps}, warmup kept at {warmup_steps} steps; lr {old:.3g} at step "
+        f"{step} -> {new:.3g} at step {step + 1}"
+    )
 
 
 def flat_hparams(cfg: TrainConfig) -> dict[str, Any]:
@@ -136,11 +202,51 @@ def flat_hparams(cfg: TrainConfig) -> dict[str, Any]:
     return {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in to_dict(cfg).items()}
 
 
+def stop_before_training(
+    accelerator: Accelerator, cfg: TrainConfig, out: Path, stop: StopRequest, step: int, started: float, where: str
+) -> RunStopped:
+    """A stop signal came before the first optimizer step of this attempt: nothing has been trained
+    since step `step` (a checkpoint of it exists, or it is 0), so no checkpoint is written and a
+    requeued `resume_from=latest` continues from that checkpoint, or starts over. run_summary.json
+    says why, for the requeue script."""
+    if accelerator.is_main_process:
+        summary = {
+            "finished": False,
+            "step": step,
+            "config": to_dict(cfg),
+            "stop_reason": "preempted",
+            "exit_code": EXIT_PREEMPTED,
+            "stopped_at": where,
+            "wall_seconds": time.time() - started,
+        }
+        write_report(out, summary)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    since = f"since step {step}, its checkpoint is the state to resume" if step else "yet, so no checkpoint was written"
+    return RunStopped(
+        f"a stop signal (SIGTERM/SIGUSR1) reached {'this rank' if stop.signal else 'another rank'} before step "
+        f"{step + 1} ({where}): nothing was trained {since}; resume_from=latest "
+        + ("continues from it." if step else "starts over."),
+        EXIT_PREEMPTED,
+    )
+
+
 # ---- the run -------------------------------------------------------------------------------------
 
 
 def main(cfg: TrainConfig) -> dict[str, Any]:
+    try:
+        return train(cfg)
+    finally:
+        release_output_locks()  # a clean end, a stop or an error: this process no longer writes there
+
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
     started = time.time()
+    # From the first second: a SIGTERM/SIGUSR1 while tokenising, loading or evaluating at the start
+    # is recorded and acted on at the next safe point below (exit 75), never the default kill (143).
+    stop = StopRequest()
+    require_cuda(cfg)  # before anything is downloaded or loaded: no silent CPU training
     state, cpu_only = init_processes()
     plan = plan_batches(cfg, state.num_processes)
     out = check_output_dir(cfg)
@@ -175,6 +281,8 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
         order = np.random.default_rng(cfg.seed).permutation(len(eval_data))
         eval_indices = np.sort(order[: cfg.eval_max_samples])
     eval_collator = PairCollator(tokenizer.pad_token_id, cfg.nll_on_prompt)
+    if stop.agreed(accelerator):
+        raise stop_before_training(accelerator, cfg, out, stop, 0, started, "after loading the data")
 
     # ---- the checkpoint to resume from, verified before any model is loaded
     progress_state = Progress()
@@ -191,9 +299,22 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
             raise CheckpointError(error)
         if resume_path is None:
             say("resume       resume_from=latest: no checkpoint yet, starting from step 0")
+    # What the checkpoint must agree with, checked before the model loads: the base an adapter was
+    # trained on (its weights are checked once loaded), the process layout (DeepSpeed shards), the
+    # steps already trained. per_device_batch_size and the process count without DeepSpeed may change.
+    adapter = cfg.mode != "full"
+    base = base_config_fingerprint(cfg.model_name_or_path) if adapter else None
+    plugin = accelerator.state.deepspeed_plugin
+    now_layout = process_layout(accelerator.num_processes, plugin.zero_stage if plugin is not None else None)
+    saved: dict[str, Any] = {}
     if resume_path is not None:
         resume_path = Path(resume_path)
         saved = read_trainer_state(resume_path)
+        check_same_data(saved.get("train_data"), train_data.source, resume_path)
+        if adapter:
+            check_base(saved.get("base"), base, resume_path)
+        check_layout(saved.get("layout"), now_layout, resume_path)
+        check_max_steps(saved["progress"]["step"], cfg.max_steps, resume_path)
         if saved["resume_key"] != resume_key(cfg):
             changed = {
                 k: (v, saved["resume_key"].get(k))
@@ -204,11 +325,26 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
                 f"Cannot resume {resume_path}: these settings changed since it was saved (now, then): {changed}."
             )
 
+    if stop.agreed(accelerator):
+        step = read_trainer_state(resume_path)["progress"]["step"] if resume_path is not None else 0
+        raise stop_before_training(accelerator, cfg, out, stop, step, started, "after verifying the checkpoint")
+
     # ---- model, optimizer, schedule
     model, info = load_model(cfg, accelerator.device)
+    if adapter:
+        base["weights_sha256"] = base_weights_sha256(model)
+        if resume_path is not None:
+            check_base(saved.get("base"), base, resume_path)
+    # A resumed run keeps the warmup its checkpoint was trained with (see schedule_plan).
+    saved_schedule = saved.get("schedule", {})
+    plan = dataclasses.replace(plan, warmup_steps=saved_schedule.get("warmup_steps", plan.warmup_steps))
     optimizer = build_optimizer(cfg, model, offload=deepspeed_offloads_optimizer(accelerator))
     scheduler = build_scheduler(cfg, optimizer, plan.warmup_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
+    # Checkpoints hold what trains (orpo/checkpoint.py: trained_state), under DeepSpeed too.
+    install_model_hooks(accelerator, full=not adapter)
+    engine = getattr(accelerator, "deepspeed_engine_wrapped", None)
+    save_kwargs, load_kwargs = deepspeed_state_kwargs(engine.engine, not adapter) if engine else ({}, {})
     head, head_note = resolve_head(cfg, model, accelerator.mixed_precision)
     packing = cfg.padding_free is True or (cfg.padding_free == "auto" and info.attention == "flash_attention_2")
     collator = PackedPairCollator(cfg.nll_on_prompt) if packing else eval_collator
@@ -216,7 +352,15 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
     flops = FlopsModel(info.total_params, full=cfg.mode == "full")
     peak_tflops = device_peak_tflops(accelerator.device)
 
-    say("\n".join(plan_lines(cfg, plan, info, accelerator.mixed_precision, train_data, eval_indices)))
+    checkpoint_line = checkpoint_plan(cfg, accelerator.unwrap_model(model), plugin is not None)
+    schedule_line = schedule_plan(cfg, saved_schedule, saved["progress"]["step"], plan.warmup_steps) if saved else ""
+    say(
+        "\n".join(
+            plan_lines(
+                cfg, plan, info, accelerator.mixed_precision, train_data, eval_indices, checkpoint_line, schedule_line
+            )
+        )
+    )
     layout = "padding-free (packed rows)" if packing else "padded to each micro-batch's longest"
     compiled = compiled_regions(model)
     compile_note = f"; {compiled} regions compiled (torch.compile)" if compiled else ""
@@ -228,6 +372,7 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
         "trainable_params": info.trainable_params,
         "total_params": info.total_params,
         "attention": info.attention,
+        "attention_note": info.attention_note,
         "head": head_note,
         "compiled_regions": compiled,
         "dtype": str(info.dtype),
@@ -236,22 +381,35 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
         "eval_pairs": 0 if eval_indices is None else len(eval_indices),
     }
     if resume_path is not None:
-        accelerator.load_state(str(resume_path))
+        accelerator.load_state(str(resume_path), **load_kwargs)
         progress_state = Progress(**saved["progress"])
+        # accelerate restores its micro-step counter, which decides when gradients synchronise; it
+        # counted the checkpoint's micro-batches. Count this run's: another per_device_batch_size or
+        # number of processes (same global batch) changes the micro-batches per step.
+        accelerator.step = progress_state.step * plan.accumulation
+        if restore_missing_rng(resume_path, accelerator.process_index):
+            print(f"rank {accelerator.process_index}: no RNG state in {resume_path}: took rank 0's", file=sys.stderr)
+        # The optimizer's restored learning rate is the checkpoint schedule's; set this run's (the
+        # same unless max_steps changed, see schedule_plan).
+        for group, base_lr, factor in zip(
+            optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True
+        ):
+            group["lr"] = base_lr * factor(scheduler.last_epoch)
+        scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
         for _ in range(progress_state.step):  # the data position: the same seeded batches, skipped
             next(batches)
         say(f"resumed      from {resume_path} at step {progress_state.step}")
-    # purge_step drops events a killed attempt logged after its last checkpoint.
-    tb_kwargs = {"purge_step": progress_state.step + 1} if progress_state.step else {}
+    if stop.agreed(accelerator):
+        raise stop_before_training(accelerator, cfg, out, stop, progress_state.step, started, "after loading the model")
+    clear_for_overwrite(cfg, out)  # every input has been checked: the first write of this run follows
+    accelerator.wait_for_everyone()
+    # purge_step hides what an earlier attempt logged from this step on: after its last checkpoint,
+    # or everything when this attempt starts from step 0 (a run killed before its first checkpoint).
+    tb_kwargs = {"purge_step": progress_state.step + 1 if progress_state.step else 0}
     accelerator.init_trackers("tensorboard", config=flat_hparams(cfg), init_kwargs={"tensorboard": tb_kwargs})
     data_order = out / "data_order.jsonl"
     if cfg.record_data_order and accelerator.is_main_process:
-        kept = [
-            ln
-            for ln in (data_order.read_text().splitlines() if data_order.exists() else [])
-            if json.loads(ln)["step"] <= progress_state.step
-        ]
-        data_order.write_text("".join(ln + "\n" for ln in kept))
+        data_order.write_text("".join(ln + "\n" for ln in data_order_until(data_order, progress_state.step)))
 
     prompts = sample_prompts(cfg, eval_data if eval_data is not None else train_data)
 
@@ -288,12 +446,24 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
         if accelerator.is_main_process:
             clear_staging(out)
         accelerator.wait_for_everyone()
-        saved_state = {"progress": dataclasses.asdict(progress_state), "resume_key": resume_key(cfg)}
+        saved_state = {
+            "progress": dataclasses.asdict(progress_state),
+            "resume_key": resume_key(cfg),
+            "base": base,
+            "layout": now_layout,
+            "schedule": {"max_steps": cfg.max_steps, "warmup_steps": plan.warmup_steps},
+        }
+        saved_state["train_data"] = train_data.source  # the data's sha256, checked on resume
         saved_state["progress"]["wall_seconds_before"] = summarize(False)["wall_seconds"]
-        accelerator.save_state(str(staging_dir(out, progress_state.step)))
+        accelerator.save_state(str(staging_dir(out, progress_state.step)), **save_kwargs)
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            finalize(out, progress_state.step, saved_state, cfg.keep_last)
+            path = finalize(out, progress_state.step, saved_state, cfg.keep_last)
+            size = checkpoint_sizes(path)
+            say(
+                f"checkpoint   {path.name}: {megabytes(size['total'])} written (model part {megabytes(size['model'])}, "
+                f"optimizer {megabytes(size['optimizer'])}, other {megabytes(size['other'])})"
+            )
             summary = summarize(finished=False)
             if stop_reason:  # `accelerate launch` turns every failing exit into 1: say why here too
                 summary["stop_reason"] = stop_reason
@@ -307,11 +477,12 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
     if eval_indices is not None and cfg.eval_at_start and p.step == 0:
         p.final.update(prefixed("eval", run_eval(0)))
         p.first_eval_accuracy = p.final["eval/rewards/accuracies"]
+    if stop.agreed(accelerator):
+        raise stop_before_training(accelerator, cfg, out, stop, p.step, started, "after the evaluation at the start")
     model.train()
     scale = plan.accumulation * accelerator.num_processes  # undo accelerate's / accumulation and DDP's mean
     per_rank = plan.global_batch // accelerator.num_processes
     steps_per_epoch = len(train_data) // plan.global_batch
-    stop = StopRequest()
     progress = tqdm(
         initial=p.step,
         total=cfg.max_steps,
@@ -372,7 +543,7 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
             logged.update(
                 tokens_per_s=tokens / seconds,
                 pairs_per_s=sum(m["pairs"] for m in p.window) / seconds,
-                peak_mem_gb=peak_memory_gb(accelerator.device),
+                **window_memory(accelerator),  # peak since the last window, max over ranks
                 skipped_steps=p.skipped_steps,
             )
             if peak_tflops:
@@ -396,7 +567,8 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
                 EXIT_NONFINITE,
             )
         stopping = stop.agreed(accelerator)
-        if stopping or (cfg.save_steps and step % cfg.save_steps == 0 and step < cfg.max_steps):
+        # The last step is checkpointed too, so that resume_from=latest with a larger max_steps continues it.
+        if stopping or (cfg.save_steps and (step % cfg.save_steps == 0 or step == cfg.max_steps)):
             path = save_checkpoint("preempted" if stopping else None)
         if stopping:
             accelerator.end_training()

@@ -26,6 +26,7 @@ import torch
 
 from orpo.config import TrainConfig
 from orpo.data import PairTokenizer, PreferenceSplit
+from orpo.model import auto_compute_dtype
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -41,12 +42,10 @@ class ChatError(ValueError):
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """`auto`: float32 on the CPU, bfloat16 on GPUs that have it, else float16."""
+    """`auto`: float32 on the CPU, bfloat16 on GPUs that have it natively (sm80+), else float16."""
     if name != "auto":
         return _DTYPES[name]
-    if device.type != "cuda":
-        return torch.float32
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return auto_compute_dtype(device.type)  # the trainer's rule: one decision for both
 
 
 def load_chat_tokenizer(path: str | Path) -> Any:

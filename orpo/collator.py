@@ -73,12 +73,17 @@ class PackedPairCollator:
         nll_labels    [1, L]   L_SFT targets: = labels on the chosen sequences (plus every chosen token
                                but each sequence's first when `nll_on_prompt`), -100 on the rejected ones
         seq_lens      [2B]     length of each sequence; cu_seqlens [2B + 1] (int32) their offsets
+        max_seqlen    int      the longest sequence, a Python int (flash-attention's varlen kernel
+                               takes it on the host; a tensor would cost a device sync per layer)
 
     There is deliberately no attention_mask. Call the model with `position_ids` and `use_cache=False`:
     transformers then builds a block-diagonal causal mask from the restarts of `position_ids` (sdpa,
-    eager), and flash_attention_2 runs varlen attention from them. With a KV cache or an attention
-    mask it does not, and the sequences would attend to each other. sdpa materialises an [L, L] mask
-    and computes attention over all L^2 pairs; packing pays off with flash_attention_2.
+    eager, flex). flash_attention_2 runs varlen attention; given `cu_seq_lens_q/k` and
+    `max_length_q/k` (orpo.forward.varlen_kwargs passes cu_seqlens and max_seqlen) it takes them as they
+    are, otherwise it infers them from `position_ids` in every layer, with a device sync each time.
+    With a KV cache or an attention mask it does not, and the sequences would attend to each other.
+    sdpa materialises an [L, L] mask and computes attention over all L^2 pairs; packing pays off with
+    flash_attention_2.
 
     The count keys are PairCollator's: num_pairs, num_nll_tokens, num_tokens (= L), row_index.
     Turn the model's output into PolicyLogps with orpo.logprobs.packed_policy_logps (logits) or
@@ -88,7 +93,7 @@ class PackedPairCollator:
     def __init__(self, nll_on_prompt: bool = False) -> None:
         self.nll_on_prompt = nll_on_prompt
 
-    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor | int]:
         seqs = [e["chosen_ids"] for e in examples] + [e["rejected_ids"] for e in examples]
         prompt_lens = [e["chosen_prompt_len"] for e in examples] + [e["rejected_prompt_len"] for e in examples]
         pairs = len(examples)
@@ -113,6 +118,7 @@ class PackedPairCollator:
             "nll_labels": nll_labels[None],
             "seq_lens": seq_lens,
             "cu_seqlens": cu_seqlens,
+            "max_seqlen": int(seq_lens.max()),
             "num_pairs": torch.tensor(pairs),
             "num_nll_tokens": (nll_labels != IGNORE_INDEX).sum(),
             "num_tokens": torch.tensor(len(input_ids)),

@@ -23,7 +23,7 @@ from orpo.data import DATA_FORMATS
 MODES = ("full", "lora", "qlora")
 SCHEDULERS = ("linear", "cosine", "constant")
 OPTIMIZERS = ("adamw_torch", "paged_adamw_8bit", "adamw_8bit", "paged_adamw_32bit")
-ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "flash_attention_2", "eager")
+ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "flash_attention_2", "flex_attention", "eager")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 MIXED_PRECISIONS = ("auto", "no", "bf16", "fp16")
 
@@ -50,7 +50,9 @@ class TrainConfig:
     mixed_precision: str = "auto"
     """Autocast: `auto` is bf16 on GPUs that have it, fp16 on other GPUs, `no` on the CPU."""
     attn_implementation: str = "auto"
-    """`auto` picks flash_attention_2 when flash-attn is installed and the GPU supports it, else sdpa."""
+    """`auto` picks flash_attention_2 when flash-attn loads (transformers' check plus its CUDA extension)
+    and the GPU supports it, else sdpa (the plan says why). Or `sdpa`, `flash_attention_2`,
+    `flex_attention` (torch's FlexAttention), `eager`."""
     gradient_checkpointing: bool = True
     """Recompute activations in the backward pass (non-reentrant autograd)."""
     lora_r: int = 16
@@ -182,11 +184,29 @@ class TrainConfig:
     """Stop before training when more than this share of a split's rows is skipped as unusable."""
     record_data_order: bool = False
     """Write output_dir/data_order.jsonl: the source row ids of every step's global batch."""
+    allow_cpu: bool = False
+    """Train even where CUDA is not usable (a CPU-only torch, a driver too old for torch's CUDA, no
+    GPU visible). Off: such a run is refused before anything is downloaded or loaded, with what was
+    found and how to fix it. The demo and tests (configs/tiny.yaml, a 0.5M-parameter model) set it."""
 
     def __post_init__(self) -> None:
         self.validate()
 
     def validate(self) -> None:
+        for f in dataclasses.fields(self):  # .inf and .nan are YAML floats; every comparison below passes NaN
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{f.name} must be a finite number, got {value}.")
+        for name in ("output_dir", "dataset", "model_name_or_path", "train_split"):
+            if not getattr(self, name).strip():  # "" is Path("."): the current directory
+                raise ConfigError(f"{name} is empty; give it a value (e.g. {name}={getattr(TrainConfig, name)}).")
+        if self.random_init and self.mode == "qlora":
+            raise ConfigError(
+                "random_init=true cannot be combined with mode=qlora: QLoRA quantises the weights as they load "
+                "from disk, and random_init builds the model in memory. Use mode=lora or mode=full, or save a "
+                "random model (AutoModelForCausalLM.from_config(...).save_pretrained(dir)) and set "
+                "model_name_or_path=dir random_init=false."
+            )
         for name, choices in (
             ("mode", MODES),
             ("lr_scheduler", SCHEDULERS),
@@ -353,7 +373,24 @@ def parse_override(text: str) -> tuple[str, Any]:
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"Override {text!r} is not of the form key=value.")
-    return key.strip(), yaml.safe_load(raw) if raw else ""
+    try:
+        return key.strip(), yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"Override {text!r}: its value is not valid YAML ({_yaml_problem(err)}).") from None
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """PyYAML's problem and where, with lines and columns counted from 1."""
+
+    def where(mark: Any) -> str:
+        return f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+
+    problem = getattr(err, "problem", None)
+    if problem is None:
+        return str(err)
+    context = getattr(err, "context", None)
+    started = f"{context}{where(getattr(err, 'context_mark', None))}: " if context else ""
+    return f"{started}{problem}{where(getattr(err, 'problem_mark', None))}"
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
@@ -363,7 +400,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"Config file {str(path)!r} does not exist.")
-        loaded = yaml.safe_load(path.read_text()) or {}
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path} is not valid YAML: {_yaml_problem(err)}.") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path} must hold a mapping of config keys, found {type(loaded).__name__}.")
         values.update({key: _check(key, value, str(path)) for key, value in loaded.items()})

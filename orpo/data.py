@@ -26,6 +26,8 @@ import json
 import multiprocessing as mp
 import os
 import re
+import sys
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -107,14 +109,19 @@ def read_file(path: Path) -> list[dict[str, Any]]:
 
 
 def _parse_json_text(path: Path, text: str) -> list[Any]:
+    """A JSON array (.json starting with `[`), else JSON Lines. Lines end at "\n" only (a "\r" before
+    it is JSON whitespace): U+2028, U+0085 and the other breaks `str.splitlines` knows are legal,
+    unescaped, inside JSON strings."""
     stripped = text.lstrip()
     if path.suffix.lower() == ".json" and stripped.startswith("["):
         try:
             return json.loads(text)
         except json.JSONDecodeError as err:
             raise DataError(f"{path}: invalid JSON at line {err.lineno}: {err.msg}.") from err
+        except RecursionError:
+            raise DataError(f"{path}: {_TOO_DEEP}") from None
     rows = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    for lineno, line in enumerate(text.split("\n"), start=1):
         if line.strip():
             try:
                 rows.append(json.loads(line))
@@ -122,7 +129,15 @@ def _parse_json_text(path: Path, text: str) -> list[Any]:
                 raise DataError(
                     f"{path}: line {lineno} is not valid JSON ({err.msg}); expected one JSON object per line."
                 ) from err
+            except RecursionError:
+                raise DataError(f"{path}: line {lineno}: {_TOO_DEEP}") from None
     return rows
+
+
+_TOO_DEEP = (
+    "its JSON is nested too deeply to read (arrays or objects inside each other beyond Python's recursion "
+    f"limit, {sys.getrecursionlimit()}); a preference row nests a few levels: check how the file was written."
+)
 
 
 def _read_hub(name: str, split: str) -> tuple[list[dict[str, Any]], str]:
@@ -386,7 +401,19 @@ def normalise_row(
         return "empty_response"
     if pair.chosen.strip() == pair.rejected.strip():
         return "identical_responses"
+    if not all(_encodable(t) for t in (pair.chosen, pair.rejected, *(m["content"] for m in pair.prompt))):
+        return "unencodable_text"
     return pair
+
+
+def _encodable(text: str) -> bool:
+    """Whether a string is valid Unicode: JSON's "\\ud800" escapes decode to lone surrogates, which
+    no tokenizer can encode (the Rust tokenizers raise TypeError on them)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 # ---- tokenising ----------------------------------------------------------------------------------
@@ -413,9 +440,7 @@ class PairTokenizer:
         self.eos = tokenizer.eos_token_id
         with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
         self.adds_bos = self.bos is not None and bool(with_special) and with_special[0] == self.bos
-        # End of a turn: EOS, or any special token a template closes turns with (<|eot_id|>, <|im_end|>).
-        self.terminators = set(tokenizer.all_special_ids) - {self.bos, tokenizer.pad_token_id, tokenizer.unk_token_id}
-        self.terminators.add(self.eos)
+        self.terminators = end_of_turn_ids(tokenizer)
 
     def encode(self, text: str) -> list[int]:
         ids = self.tok(text, add_special_tokens=False)["input_ids"]
@@ -469,6 +494,41 @@ class PairTokenizer:
         return Tokenized(c_ids, c_len, r_ids, r_len)
 
 
+def end_of_turn_ids(tokenizer: Any) -> set[int]:
+    """EOS and the special tokens a chat template may close a turn with (<|eot_id|>, <|im_end|>,
+    <end_of_turn>): a response ending in one gets no extra EOS, and generation stops at any of them.
+
+    Special means named by the tokenizer (`all_special_ids`) *or* flagged `special` among its added
+    tokens (tokenizer.json's `"special": true`, `added_tokens_decoder`): `all_special_ids` lists only
+    the tokens the config names (bos, eos, pad, unk, extra special tokens), so a tokenizer whose
+    config names another EOS leaves <|im_end|> out of it. BOS, pad and unk never end a turn, except
+    the token the template itself writes right after an assistant answer (found by rendering a probe
+    chat), which does even when it doubles as the pad token.
+    """
+    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    special = set(tokenizer.all_special_ids) | {i for i, t in added.items() if getattr(t, "special", False)}
+    ids = special - {tokenizer.bos_token_id, tokenizer.pad_token_id, tokenizer.unk_token_id}
+    ids.add(tokenizer.eos_token_id)
+    closer = _template_turn_end(tokenizer)
+    if closer is not None and closer in special:
+        ids.add(closer)
+    return ids - {None}
+
+
+def _template_turn_end(tokenizer: Any) -> int | None:
+    """The first token the chat template writes after an assistant answer, or None."""
+    probe = "Probe answer 7"
+    chat = [{"role": "user", "content": "Probe"}, {"role": "assistant", "content": probe}]
+    try:
+        text = tokenizer.apply_chat_template(chat, tokenize=False)
+    except Exception:  # no template, or one that refuses this chat (jinja raise_exception): no probe
+        return None
+    if not isinstance(text, str) or probe not in text:
+        return None
+    after = tokenizer(text[text.rindex(probe) + len(probe) :], add_special_tokens=False)["input_ids"]
+    return after[0] if after else None
+
+
 def _common_prefix(a: list[int], b: list[int]) -> int:
     n = min(len(a), len(b))
     for i in range(n):
@@ -491,6 +551,7 @@ class PreferenceSplit:
     skipped: dict[str, int] = field(default_factory=dict)
     skipped_example: dict[str, int] = field(default_factory=dict)  # first row index per reason
     num_rows: int = 0
+    source: str = ""  # the data's fingerprint (`file:<path>:<sha256>`, `hub:...`), set by load_split
 
     def __len__(self) -> int:
         return len(self.row_index)
@@ -556,8 +617,18 @@ def tokenize_rows(
     process = functools.partial(_process_row, data_format=data_format, column_map=column_map)
     if num_proc > 1:
         os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the Rust pool does not survive fork
-        with mp.get_context("fork").Pool(num_proc, initializer=_init_worker, initargs=(pair_tokenizer,)) as pool:
+        pool = mp.get_context("fork").Pool(num_proc, initializer=_init_worker, initargs=(pair_tokenizer,))
+        try:
             results = pool.map(process, rows, chunksize=max(1, len(rows) // (num_proc * 8)))
+        except BaseException:
+            pool.terminate()
+            raise
+        # Not `with Pool` (terminate: SIGTERM to the workers). The workers inherit the trainer's
+        # StopRequest handler, installed before the data loads, which records a SIGTERM and goes on:
+        # a worker waiting for the queue's lock would never exit and terminate() would wait forever.
+        # close() + join() ends them with the pool's own sentinels.
+        pool.close()
+        pool.join()
     else:
         _init_worker(pair_tokenizer)
         results = [process(r) for r in rows]
@@ -592,6 +663,7 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
         repr(sorted(tokenizer.special_tokens_map.items())),
         # PairTokenizer's BOS rule and end-of-turn set depend on these; special_tokens_map omits extras.
         repr(sorted(tokenizer.all_special_ids)),
+        repr(sorted(end_of_turn_ids(tokenizer))),
         repr(tokenizer("a", add_special_tokens=True)["input_ids"]),
     ]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
@@ -627,9 +699,8 @@ def load_split(
         ).encode()
     ).hexdigest()[:24]
     cache = Path(cache_dir or Path.home() / ".cache" / "orpo") / f"{key}.npz"
-    if cache.is_file():
-        data = PreferenceSplit.load(cache)
-    else:
+    data = _load_cache(cache) if cache.is_file() else None
+    if data is None:
         if num_proc <= 0:
             num_proc = 1 if len(rows) < 20_000 else min(os.cpu_count() or 1, 16)
         data = tokenize_rows(
@@ -637,12 +708,30 @@ def load_split(
         )
         cache.parent.mkdir(parents=True, exist_ok=True)
         data.save(cache)
+    data.source = source
     if len(data) == 0:
         reasons = ", ".join(f"{k}: {v} (e.g. row {data.skipped_example[k]})" for k, v in sorted(data.skipped.items()))
         raise DataError(
             f"{where}: none of its {data.num_rows} rows is usable ({reasons}). Accepted: {FORMATS_ACCEPTED}."
         )
     return data
+
+
+def _load_cache(path: Path) -> PreferenceSplit | None:
+    """A cached split, or None (with a warning naming the file) when the file is damaged: truncated
+    by a full disk or a kill, or corrupted; the caller then tokenises again and rewrites it."""
+    try:
+        data = PreferenceSplit.load(path)
+        pairs, sequences = len(data.row_index), len(data.prompt_lens)
+        if sequences != 2 * pairs or len(data.offsets) != sequences + 1 or data.offsets[-1] != len(data.tokens):
+            raise ValueError(f"{pairs} pairs, {sequences} sequences, {len(data.offsets)} offsets do not agree")
+        return data
+    except Exception as err:  # numpy and zipfile raise many types for a damaged file (BadZipFile, EOFError, ...)
+        warnings.warn(
+            f"tokenised-data cache {path} is damaged ({type(err).__name__}: {err}); tokenising again and rewriting it.",
+            stacklevel=2,
+        )
+        return None
 
 
 def describe_skipped(data: PreferenceSplit) -> str:

@@ -27,6 +27,20 @@ def init_processes() -> tuple[PartialState, bool]:
     return PartialState(cpu=True, backend="gloo"), True
 
 
+# `make train-multigpu`'s default launch config per mode. QLoRA's 4-bit base skips zero.Init and is
+# whole on every rank, and LoRA's frozen base gains nothing from sharding when it fits one GPU: ZeRO-3
+# would only add all-gathers, so DDP. Full fine-tuning shards everything (ZeRO-3).
+LAUNCH_CONFIGS = {
+    "full": "accelerate_configs/zero3.yaml",
+    "lora": "accelerate_configs/ddp.yaml",
+    "qlora": "accelerate_configs/ddp.yaml",
+}
+
+
+def default_launch_config(cfg: TrainConfig) -> str:
+    return LAUNCH_CONFIGS[cfg.mode]
+
+
 def compile_plugin(cfg: TrainConfig) -> TorchDynamoPlugin | None:
     """torch_compile: regional compilation of the decoder layers with dynamic shapes (every micro-batch
     has its own length); accelerate applies it in prepare(), after DDP or DeepSpeed wrapping. None
@@ -85,6 +99,13 @@ def configure_deepspeed(accelerator: Accelerator, cfg: TrainConfig, plan: BatchP
         raise ConfigError(
             "The DeepSpeed config sets bf16.check_grad_overflow=false; remove it: the engine must skip a step "
             "whose gradient is not finite, which is how the non-finite guard (max_skipped_steps) skips it."
+        )
+    offload = ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
+    if offload in ("cpu", "nvme") and cfg.optim != "adamw_torch":
+        raise ConfigError(
+            f"The DeepSpeed config offloads the optimizer (zero_optimization.offload_optimizer.device={offload!r}) "
+            f"but optim={cfg.optim}: 8-bit and paged bitsandbytes states cannot be offloaded (the step runs "
+            "DeepSpeedCPUAdam). Set optim=adamw_torch, or use a launch config without offload."
         )
     for section in ("optimizer", "scheduler"):
         if section in ds:

@@ -32,6 +32,31 @@ class LMHead(NamedTuple):
     chunk_size: int | None = None
 
 
+# Attention implementations that build the packed row's block-diagonal mask from position_ids (once
+# per forward) and have no use for varlen arguments; every other one (flash_attention_2/3, kernels
+# from the hub, a registered custom function) is given them.
+MASK_FROM_POSITIONS = ("sdpa", "eager", "flex_attention")
+
+
+def attention_implementation(model: torch.nn.Module) -> str:
+    """The model's attn_implementation, through DDP / DeepSpeed / PEFT wrappers."""
+    while hasattr(model, "module"):
+        model = model.module
+    return getattr(getattr(model, "config", None), "_attn_implementation", None) or "eager"
+
+
+def varlen_kwargs(model: torch.nn.Module, batch: dict[str, torch.Tensor | int]) -> dict[str, torch.Tensor | int]:
+    """flash-attention's varlen arguments for a packed row (transformers' FlashAttentionKwargs):
+    cu_seq_lens_q/k, the int32 offsets of the sequences on the device, and max_length_q/k, the longest
+    as a Python int. With all four, transformers 5.24's `_flash_attention_forward` calls the varlen
+    kernel directly; without them it re-derives them from position_ids in every layer (a nonzero()
+    and a .max() each: device syncs, again in gradient-checkpoint recomputes)."""
+    if attention_implementation(model) in MASK_FROM_POSITIONS:
+        return {}
+    cu, longest = batch["cu_seqlens"], int(batch["max_seqlen"])
+    return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
+
+
 def policy_forward(model: torch.nn.Module, batch: dict[str, torch.Tensor], head: LMHead | None) -> PolicyLogps:
     """Response log-probs and SFT NLL of a padded (PairCollator) or packed (PackedPairCollator) batch.
 
@@ -44,6 +69,7 @@ def policy_forward(model: torch.nn.Module, batch: dict[str, torch.Tensor], head:
     inputs = {"input_ids": batch["input_ids"], "use_cache": False}
     if packed:
         inputs["position_ids"] = batch["position_ids"]
+        inputs.update(varlen_kwargs(model, batch))
     else:
         inputs["attention_mask"] = batch["attention_mask"]
     seq_lens = batch["seq_lens"] if packed else None
@@ -91,6 +117,22 @@ def forward_orpo(
     return out
 
 
+def head_matmul_dtype(mixed_precision: str, device: torch.device) -> torch.dtype | None:
+    """The operand dtype of the chunked head's matmuls (orpo/logprobs.py `_matmul`); None: float32.
+
+    bf16: bf16 operands, float32 accumulation and output. fp16 on CUDA: fp16 operands into
+    `torch.mm(out_dtype=float32)` (tensor cores, float32 accumulation), like the unfused head under
+    fp16 autocast but with float32 logits; the logits' gradient is cast to fp16 on the way back, which
+    the GradScaler's loss scale keeps out of fp16's underflow range as it does for every other fp16
+    gradient. fp16 elsewhere (the CPU has no mm with out_dtype): float32 operands, as before.
+    """
+    if mixed_precision == "bf16":
+        return torch.bfloat16
+    if mixed_precision == "fp16" and device.type == "cuda":
+        return torch.float16
+    return None
+
+
 def resolve_head(cfg: TrainConfig, model: torch.nn.Module, mixed_precision: str) -> tuple[LMHead | None, str]:
     """The chunked head when asked for and possible, else None (full logits), and why."""
     if not cfg.chunked_head:
@@ -99,8 +141,8 @@ def resolve_head(cfg: TrainConfig, model: torch.nn.Module, mixed_precision: str)
         module = head_module(model)
     except ValueError as err:
         return None, f"full logits: {err}"
-    matmul_dtype = torch.bfloat16 if mixed_precision == "bf16" else None
     params = list(module.parameters())
+    matmul_dtype = head_matmul_dtype(mixed_precision, params[0].device)
     if any(hasattr(p, "ds_id") for p in params):  # DeepSpeed ZeRO-3: partitioned outside the head's forward
         if not any(p.requires_grad for p in params) and type(module) is torch.nn.Linear:
             import deepspeed
@@ -120,8 +162,9 @@ def resolve_head(cfg: TrainConfig, model: torch.nn.Module, mixed_precision: str)
     return head, "chunked log-prob head (no [tokens, vocab] logits)"
 
 
-def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+def to_device(batch: dict[str, torch.Tensor | int], device: torch.device) -> dict[str, torch.Tensor | int]:
+    """Tensors to the device; Python numbers (max_seqlen) stay on the host."""
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 @torch.no_grad()

@@ -64,7 +64,9 @@ def _precision(hidden: torch.Tensor, weight: torch.Tensor, matmul_dtype: torch.d
 
 
 def _matmul(a: torch.Tensor, b: torch.Tensor, p: _Precision) -> torch.Tensor:
-    """a @ b with a, b in p.operand, result in p.out (products of half operands are exact in float32)."""
+    """a @ b with a, b in p.operand, result in p.out (products of half operands are exact in float32).
+    Half operands (bf16, or fp16 under fp16 mixed precision: orpo.forward.head_matmul_dtype) on CUDA:
+    one tensor-core GEMM accumulating in float32."""
     if a.dtype == p.out:
         return a @ b
     if a.is_cuda:  # tensor cores, float32 accumulation and output

@@ -27,20 +27,37 @@ _SLOTS = (
 )
 _INDEX = {name: i for i, name in enumerate(_SLOTS)}
 
-# Dense bf16 peak of common training GPUs, TFLOP/s (vendor data sheets), for MFU.
+# Dense (no sparsity) bf16 tensor-core peak, TFLOP/s, from NVIDIA's data sheets (their "with
+# sparsity" figures halved), keyed by the exact name torch.cuda.get_device_name reports, without its
+# "NVIDIA " / "Tesla " prefix. Matched exactly: "L40" must not get the L4's number, nor "H100 NVL" the
+# H100 PCIe's. Unknown names log no MFU.
 PEAK_TFLOPS = {
-    "H200": 989.0,
-    "H100 SXM": 989.0,
-    "H100 80GB HBM3": 989.0,
-    "H100 PCIe": 756.0,
-    "H100": 756.0,
-    "A100": 312.0,
-    "L40S": 362.0,
-    "L4": 121.0,
-    "A10": 125.0,
-    "RTX 4090": 165.0,
-    "RTX 3090": 71.0,
+    "H100 80GB HBM3": 989.4,  # H100 SXM5: 1,979 with sparsity
+    "H100 SXM5 80GB": 989.4,
+    "H100 PCIe": 756.0,  # 1,513 with sparsity
+    "H100 NVL": 835.5,  # H100 NVL (94 GB) data sheet: 1,671 with sparsity
+    "H200": 989.4,  # H200 SXM: 1,979 with sparsity
+    "H200 NVL": 835.5,  # 1,671 with sparsity
+    "A100-SXM4-80GB": 312.0,  # A100 (SXM and PCIe): 624 with sparsity
+    "A100-SXM4-40GB": 312.0,
+    "A100 80GB PCIe": 312.0,
+    "A100-PCIE-40GB": 312.0,
+    "L40S": 362.05,  # 733 with sparsity
+    "L40": 181.05,  # 362.1 with sparsity
+    "L4": 121.0,  # 242 with sparsity
+    "A40": 149.7,  # 299.4 with sparsity
+    "A10": 125.0,  # 250 with sparsity
+    "RTX 6000 Ada Generation": 364.25,  # 728.5 with sparsity
+    "GeForce RTX 4090": 165.2,  # Ada whitepaper, FP32 accumulate: 330.4 with sparsity
+    "GeForce RTX 3090": 71.0,  # Ampere GA102 whitepaper, FP32 accumulate: 142 with sparsity
 }
+
+
+def peak_tflops_of(name: str) -> float | None:
+    """The table's peak for a device name as torch reports it ("NVIDIA H100 80GB HBM3"), or None."""
+    for prefix in ("NVIDIA ", "Tesla "):
+        name = name.removeprefix(prefix)
+    return PEAK_TFLOPS.get(name.strip())
 
 
 class MetricSums:
@@ -65,7 +82,8 @@ class MetricSums:
                 nll_sum.detach().double(),
                 nll_tokens.double(),
                 (-F.logsigmoid(log_odds_ratio.double())).sum(),
-                torch.tensor(float(len(chosen_logps)), dtype=torch.float64, device=self.sums.device),
+                # a fill on the device, not a host-to-device copy of a Python number (a sync on CUDA)
+                torch.full((), float(len(chosen_logps)), dtype=torch.float64, device=self.sums.device),
                 chosen_logps.detach().double().sum(),
                 rejected_logps.detach().double().sum(),
                 log_odds_ratio.double().sum(),
@@ -113,11 +131,31 @@ def peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
 
 
+def window_memory(accelerator) -> dict[str, float]:
+    """Memory of the logging window just ended, the maximum over ranks (a collective: every rank calls it).
+
+    CUDA: `peak_mem_gb`, the most the tensors held (max_memory_allocated), and `reserved_mem_gb`, the
+    most the caching allocator held (max_memory_reserved: what the card must have), both since the
+    last window; the peaks are then reset so the next window starts afresh. CPU: `peak_mem_gb`, the
+    process's peak resident set since it started (the kernel keeps no resettable peak).
+    """
+    device = accelerator.device
+    if device.type == "cuda":
+        values = [torch.cuda.max_memory_allocated(device) / 1e9, torch.cuda.max_memory_reserved(device) / 1e9]
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        values = [peak_memory_gb(device)]
+    if accelerator.num_processes > 1:
+        peaks = torch.tensor(values, dtype=torch.float64, device=device)
+        torch.distributed.all_reduce(peaks, op=torch.distributed.ReduceOp.MAX)
+        values = peaks.tolist()
+    return dict(zip(("peak_mem_gb", "reserved_mem_gb"), values, strict=False))
+
+
 def device_peak_tflops(device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+    return peak_tflops_of(torch.cuda.get_device_name(device))
 
 
 @dataclass(frozen=True)

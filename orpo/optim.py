@@ -37,7 +37,18 @@ def build_optimizer(cfg: TrainConfig, model: torch.nn.Module, offload: bool = Fa
         "adamw_8bit": bnb.optim.AdamW8bit,
         "paged_adamw_32bit": bnb.optim.PagedAdamW32bit,
     }[cfg.optim]
+    if not torch.cuda.is_available():
+        # Paging moves optimizer states through CUDA unified memory; without CUDA bitsandbytes warns
+        # ("Paged optimizers are not supported on CPU") and runs the non-paged optimizer. Use that
+        # one directly: the same update, bit for bit, and no warning on every CPU run of a recipe.
+        cls = _non_paged().get(cfg.optim, cls)
     return cls(params, **kwargs)
+
+
+def _non_paged() -> dict[str, type]:
+    import bitsandbytes as bnb
+
+    return {"paged_adamw_8bit": bnb.optim.AdamW8bit, "paged_adamw_32bit": bnb.optim.AdamW32bit}
 
 
 def lr_lambda(step: int, warmup_steps: int, max_steps: int, kind: str) -> float:

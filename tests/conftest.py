@@ -17,6 +17,16 @@ TINY = ROOT / "assets" / "tiny"
 TINY_CONFIG = ROOT / "configs" / "tiny.yaml"
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked `gpu` run where CUDA is usable and are skipped, with the reason, elsewhere."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason=f"needs a CUDA GPU: torch {torch.__version__} sees none")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 def reset_accelerate() -> None:
     """Accelerate keeps process-wide singletons; each in-process run needs fresh ones."""
     from accelerate.state import AcceleratorState, GradientState, PartialState

@@ -10,6 +10,10 @@ Environment variables choose the fault:
     ORPO_KILL_SAVE_NUMBER=n     which save the ORPO_KILL_IN fault hits (default 2)
     ORPO_SIGTERM_WHILE_SAVING=1 once a stop signal came, SIGTERM again while sealing its checkpoint (no manifest yet)
     ORPO_KILL_RANK=r            the ORPO_KILL_* faults hit this rank only (default: every rank)
+    ORPO_SIGTERM_IN=phase       the process sends itself SIGTERM as a phase before or after the loop begins:
+                                data (tokenising the training split), model (loading it), start_eval (the
+                                evaluation at the start) or final_save (saving the trained model)
+    ORPO_SIGTERM_RANK=r         ... on this rank only (default: every rank)
     ORPO_INF_STEPS=3,4          make one gradient infinite during these steps ...
     ORPO_NAN_LOSS_STEPS=3       add NaN to the backpropagated loss during these steps (its gradients stay finite) ...
     ORPO_INF_RANK=1             ... on this rank only (default 0), for both faults above
@@ -96,6 +100,22 @@ def install() -> None:
         return real_rmtree(path, *args, **kwargs)
 
     checkpoint.write_manifest, checkpoint.os.replace, checkpoint.shutil.rmtree = manifest, replace, rmtree
+
+    phase = env.get("ORPO_SIGTERM_IN")
+    if phase and ("ORPO_SIGTERM_RANK" not in env or int(env["ORPO_SIGTERM_RANK"]) == rank()):
+        name = {"data": "load_data", "model": "load_model", "start_eval": "evaluate", "final_save": "save_trained"}[
+            phase
+        ]
+        real_phase, fired = getattr(train_orpo, name), []
+
+        def signalled(*args, **kwargs):  # SIGTERM as the phase starts; the phase then runs on
+            if not fired:
+                fired.append(True)
+                print(f"fault: SIGTERM in {phase}", file=sys.stderr, flush=True)
+                os.kill(os.getpid(), signal.SIGTERM)
+            return real_phase(*args, **kwargs)
+
+        setattr(train_orpo, name, signalled)
 
     inf_steps = {int(s) for s in env["ORPO_INF_STEPS"].split(",")} if "ORPO_INF_STEPS" in env else set()
     nan_loss_steps = {int(s) for s in env["ORPO_NAN_LOSS_STEPS"].split(",")} if "ORPO_NAN_LOSS_STEPS" in env else set()

@@ -140,3 +140,53 @@ def test_wandb_not_installed_is_refused_before_anything_runs(tmp_path: Path) -> 
         pytest.skip("wandb is installed here; the check is for machines without it")
     with pytest.raises(ConfigError, match="wandb, which is not installed"):
         train_orpo.check_trackers(load_config(None, ["report_to=[tensorboard, wandb]", f"output_dir={tmp_path}"]))
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("learning_rate=.inf", "learning_rate must be a finite number, got inf."),
+        ("max_grad_norm=nan", "max_grad_norm must be a finite number, got nan."),
+        ("orpo_lambda=.nan", "orpo_lambda must be a finite number, got nan."),
+        ("warmup_ratio=-.inf", "warmup_ratio must be a finite number, got -inf."),
+        ("output_dir=", "output_dir is empty; give it a value (e.g. output_dir=runs/mistral7b-orpo-qlora)."),
+        ("output_dir=' '", "output_dir is empty;"),
+        ("dataset=", "dataset is empty;"),
+    ],
+)
+def test_non_finite_numbers_and_empty_paths_are_refused(override: str, message: str) -> None:
+    """Before: NaN passed every comparison in validate(), inf passed `> 0`, and "" is the current directory."""
+    with pytest.raises(ConfigError) as raised:
+        load_config(None, [override])
+    assert str(raised.value).startswith(message)
+
+
+def test_random_init_with_qlora_is_a_config_error() -> None:
+    """Before: a bare ValueError from load_model, after the data was tokenised."""
+    with pytest.raises(ConfigError, match="random_init=true cannot be combined with mode=qlora: .* Use mode=lora"):
+        load_config(None, ["random_init=true", "mode=qlora"])
+
+
+def test_yaml_syntax_error_in_a_file_names_the_file_and_the_line(tmp_path: Path) -> None:
+    bad = tmp_path / "recipe.yaml"
+    bad.write_text("mode: full\nlora_target_modules: [q_proj, v_proj\nseed: 3\n")
+    with pytest.raises(ConfigError) as raised:
+        load_config(bad)
+    assert str(raised.value) == (
+        f"{bad} is not valid YAML: while parsing a flow sequence at line 2, column 22: "
+        "expected ',' or ']', but got ':' at line 3, column 5."
+    )
+    bad.write_text("mode: full\n  seed: 3\n")
+    with pytest.raises(
+        ConfigError, match=r"recipe\.yaml is not valid YAML: mapping values are not allowed here at line 2"
+    ):
+        load_config(bad)
+
+
+def test_yaml_syntax_error_in_an_override_names_the_override() -> None:
+    with pytest.raises(ConfigError) as raised:
+        load_config(None, ["seed=3", "lora_target_modules=[q_proj, v_proj"])
+    assert str(raised.value) == (
+        "Override 'lora_target_modules=[q_proj, v_proj': its value is not valid YAML (while parsing a flow sequence "
+        "at line 1, column 1: expected ',' or ']', but got '<stream end>' at line 1, column 16)."
+    )

@@ -9,6 +9,8 @@ character-level BPE built by hand below, whose merges and template each test pic
 from __future__ import annotations
 
 import json
+import os
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,7 @@ from orpo.data import (
     load_split,
     nll_token_count,
     normalise_row,
+    read_file,
     read_rows,
     tokenize_rows,
 )
@@ -500,10 +503,27 @@ def test_second_load_comes_from_the_cache(
     assert split_arrays(third)["tokens"] != split_arrays(first)["tokens"]
 
 
+def _im_end_not_special() -> PreTrainedTokenizerFast:
+    """char_tokenizer with "<|im_end|>" an ordinary added token (tokenizer.json's special: false)."""
+    spec = json.loads(char_tokenizer(IM_END_TEMPLATE).backend_tokenizer.to_str())
+    for added in spec["added_tokens"]:
+        if added["content"] == "<|im_end|>":
+            added["special"] = False
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(json.dumps(spec)),
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+    )
+    tok.chat_template = IM_END_TEMPLATE
+    return tok
+
+
 def test_cache_key_changes_with_the_end_of_turn_tokens(tmp_path: Path) -> None:
     rows = [{"prompt": "q?", "chosen": "yo", "rejected": "no"}]
     data = write_jsonl(tmp_path / "train.jsonl", rows)
-    unregistered = char_tokenizer(IM_END_TEMPLATE)  # "<|im_end|>" is then content: EOS is appended
+    unregistered = _im_end_not_special()  # "<|im_end|>" is then content: EOS is appended
     registered = char_tokenizer(IM_END_TEMPLATE, im_end_special=True)
     expected = tokenize_rows(rows, PairTokenizer(registered, 64, 32))
     assert split_arrays(expected) != split_arrays(tokenize_rows(rows, PairTokenizer(unregistered, 64, 32)))
@@ -525,6 +545,25 @@ def test_two_processes_give_the_same_split_as_one(tiny: PreTrainedTokenizerFast)
     assert split_arrays(two) == split_arrays(one)
     assert len(one) == 200
     assert one.skipped_example == {"missing_field": 3, "non_string_content": 51, "unknown_role": 199}
+
+
+def test_worker_processes_end_without_a_signal(tiny: PreTrainedTokenizerFast, tmp_path: Path) -> None:
+    """The trainer's StopRequest (installed before the data loads) records SIGTERM and goes on, and the
+    tokenising workers inherit it: a pool ended by SIGTERM (`with Pool`: terminate) could wait forever
+    for a worker that ignored it. Here a handler like it notes every SIGTERM a worker receives."""
+
+    def note(signum: int, frame: Any) -> None:
+        (tmp_path / f"sigterm.{os.getpid()}").touch()
+
+    previous = signal.signal(signal.SIGTERM, note)
+    try:
+        rows = sort_rows(64)
+        for _ in range(5):
+            split = tokenize_rows(rows, PairTokenizer(tiny, 24, 16), num_proc=2)
+            assert len(split) == 64
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert sorted(p.name for p in tmp_path.glob("sigterm.*")) == []
 
 
 # ---- sampling and token counts ---------------------------------------------------------------
@@ -578,3 +617,89 @@ def test_explicit_prompt_message_list_is_accepted() -> None:
     }
     assert normalise_row(explicit) == normalise_row({"prompt": "sort: 3 1", "chosen": "1 3", "rejected": "3 1"})
     assert normalise_row({**explicit, "prompt": [{"role": "robot", "content": "x"}]}) == "unknown_role"
+
+
+# ---- edge cases of reading (issue 10) ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("breaker", ["\u2028", "\u2029", "\x85"])
+def test_json_lines_split_on_newline_only(tmp_path: Path, breaker: str) -> None:
+    """U+2028, U+2029 and U+0085 are legal unescaped inside JSON strings; str.splitlines broke the
+    line there and the file was refused as invalid JSON."""
+    rows = sort_rows(3)
+    rows[1]["chosen"][-1]["content"] += f" {breaker}end"
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\r\n" for r in rows), encoding="utf-8")
+    assert breaker in path.read_text(encoding="utf-8")
+    got = read_file(path)
+    assert got == rows and got[1]["chosen"][-1]["content"].endswith(f"{breaker}end")
+
+
+def test_a_lone_surrogate_row_is_skipped_as_unencodable_text(tiny: PreTrainedTokenizerFast, tmp_path: Path) -> None:
+    """A JSON "\\ud800" escape decodes to a string no tokenizer encodes; the run died with TypeError."""
+    rows = sort_rows(4)
+    path = tmp_path / "train.jsonl"
+    lines = [json.dumps(r) for r in rows]
+    lines[2] = lines[2].replace('"content": "sort:', '"content": "\\ud800 sort:')  # the prompt, on both sides
+    assert "\\ud800" in lines[2]
+    path.write_text("".join(line + "\n" for line in lines))
+    split = load_split(str(path), "train", tiny, 256, 128, num_proc=1, cache_dir=str(tmp_path / "cache"))
+    assert split.skipped == {"unencodable_text": 1} and split.skipped_example == {"unencodable_text": 2}
+    assert split.row_index.tolist() == [0, 1, 3]
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json"])
+def test_deeply_nested_json_is_a_clear_error(tmp_path: Path, suffix: str) -> None:
+    path = tmp_path / f"train{suffix}"
+    row = json.dumps(sort_rows(1)[0])
+    deep = '{"chosen": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    text = f"[{row}, {deep}]" if suffix == ".json" else f"{row}\n{deep}\n"
+    path.write_text(text)
+    with pytest.raises(DataError) as raised:
+        read_file(path)
+    where = f"{path}: " if suffix == ".json" else f"{path}: line 2: "
+    assert str(raised.value).startswith(where + "its JSON is nested too deeply to read"), raised.value
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty", "wrong_arrays"])
+def test_a_damaged_cache_file_is_named_and_rebuilt(tiny: PreTrainedTokenizerFast, tmp_path: Path, damage: str) -> None:
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in sort_rows(20)))
+    cache = tmp_path / "cache"
+    first = load_split(str(path), "train", tiny, 256, 128, num_proc=1, cache_dir=str(cache))
+    (cached,) = cache.glob("*.npz")
+    good = cached.read_bytes()
+    if damage == "truncated":
+        cached.write_bytes(good[: len(good) // 2])
+    elif damage == "garbage":
+        cached.write_bytes(b"\x00" * len(good))
+    elif damage == "empty":
+        cached.write_bytes(b"")
+    else:  # a valid npz whose arrays disagree
+        np.savez(
+            cached,
+            tokens=first.tokens,
+            offsets=first.offsets[:-3],
+            prompt_lens=first.prompt_lens,
+            row_index=first.row_index,
+            meta=np.array(json.dumps({"num_rows": 20})),
+        )
+    with pytest.warns(
+        UserWarning, match=f"tokenised-data cache {cached} is damaged .*; tokenising again and rewriting"
+    ):
+        again = load_split(str(path), "train", tiny, 256, 128, num_proc=1, cache_dir=str(cache))
+    for name in ("tokens", "offsets", "prompt_lens", "row_index"):
+        np.testing.assert_array_equal(getattr(again, name), getattr(first, name))
+    rewritten = PreferenceSplit.load(cached)  # rewritten whole
+    np.testing.assert_array_equal(rewritten.offsets, first.offsets)
+
+
+def test_load_split_records_the_datas_sha256(tiny: PreTrainedTokenizerFast, tmp_path: Path) -> None:
+    import hashlib
+
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in sort_rows(5)))
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    for _ in range(2):  # tokenised, then from the cache
+        split = load_split(str(path), "train", tiny, 256, 128, num_proc=1, cache_dir=str(tmp_path / "cache"))
+        assert split.source == f"file:{path.resolve()}:{digest}"

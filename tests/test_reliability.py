@@ -43,7 +43,7 @@ from tests.test_multiprocess import free_port, launch_args
 SORT = ROOT / "data" / "sort_prefs"
 WRAPPER = "tests/fault_injection.py"
 TRAINER = "train_orpo.py"
-STEPS, SAVE = 12, 3  # checkpoints at steps 3, 6, 9 (keep_last=2), none at the last step
+STEPS, SAVE = 12, 3  # checkpoints at steps 3, 6, 9 and the last, 12 (keep_last=2)
 COMMON = (
     f"eval_split={SORT / 'test.jsonl'}",
     f"max_steps={STEPS}",
@@ -212,7 +212,7 @@ def reference(setup: Setup, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("uninterrupted") / "run"
     done = attempt(setup, out)
     assert done.returncode == 0, done.tail()
-    assert steps_of_checkpoints(out) == [6, 9]  # keep_last=2 pruned step_3
+    assert steps_of_checkpoints(out) == [9, 12]  # the last step is checkpointed; keep_last=2 pruned 3 and 6
     rows = [r["rows"] for r in data_order(out)]
     first, second = sum(rows[:5], []), sum(rows[5:10], [])  # epochs: steps 1-5, 6-10 (4 pairs dropped each)
     assert len(set(first)) == len(set(second)) == 40 and first != second, "each epoch is a new permutation"
@@ -437,7 +437,7 @@ def test_truncated_checkpoint_file_is_refused_by_name_and_latest_falls_back(
     out = tmp_path / "run"
     shutil.copytree(checkpoints_dir(reference), checkpoints_dir(out))
     shutil.copy(reference / "data_order.jsonl", out / "data_order.jsonl")
-    newest = checkpoints_dir(out) / "step_9"
+    newest = checkpoints_dir(out) / "step_12"
     weights = newest / "model.safetensors"
     size = weights.stat().st_size
     with open(weights, "r+b") as f:
@@ -452,9 +452,9 @@ def test_truncated_checkpoint_file_is_refused_by_name_and_latest_falls_back(
     latest = attempt(setup, out, "resume_from=latest")
     assert latest.returncode == 0, latest.tail()
     assert f"skipping checkpoint {newest}: {weights} is {size // 2} bytes" in latest.stderr, latest.tail()
-    assert latest.resumed_from() == 6
-    assert_same_run(out, reference, first_step=7)
-    verify(newest)  # saved again at step 9, whole
+    assert latest.resumed_from() == 9
+    assert_same_run(out, reference, first_step=10)
+    verify(newest)  # saved again at step 12, whole
 
 
 # ---- 6. non-finite steps under DDP ----------------------------------------------------------------

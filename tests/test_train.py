@@ -231,12 +231,21 @@ def test_full_model_reloads_and_scores_the_same(tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM
 
     summary = run(
-        tmp_path, "max_steps=10", "eval_steps=0", "eval_at_start=false", "eval_max_samples=64", "save_steps=4"
+        tmp_path,
+        "max_steps=10",
+        "eval_steps=0",
+        "eval_at_start=false",
+        "eval_max_samples=64",
+        "save_steps=4",
+        "keep_last=3",
     )
-    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_4", "step_8"]
+    # Every 4 steps and the last one (10).
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_10", "step_4", "step_8"]
     step_4 = load_file(tmp_path / "checkpoints" / "step_4" / "model.safetensors")
     final = load_file(tmp_path / "model.safetensors")
     assert not torch.equal(step_4["lm_head.weight"], final["lm_head.weight"]), "a checkpoint holds its step's weights"
+    step_10 = load_file(tmp_path / "checkpoints" / "step_10" / "model.safetensors")
+    assert all(torch.equal(step_10[k], final[k]) for k in final), "the last step's checkpoint holds the final weights"
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
     metrics = eval_metrics_of_saved(reloaded, tmp_path, summary)
     for tag in ("logps/chosen", "logps/rejected", "loss"):
