@@ -84,7 +84,15 @@ from orpo.guards import (
     release_output_locks,
 )
 from orpo.metrics import FlopsModel, MetricSums, device_peak_tflops, mean_of, prefixed, window_memory
-from orpo.model import ModelInfo, load_model, load_tokenizer, require_cuda, resolve_mixed_precision, save_trained
+from orpo.model import (
+    ModelInfo,
+    load_model,
+    load_tokenizer,
+    mixed_precision_choice,
+    require_cuda,
+    resolve_mixed_precision,
+    save_trained,
+)
 from orpo.optim import build_optimizer, build_scheduler, lr_lambda
 from orpo.report import write_report
 from orpo.sampling import global_batches, pair_lengths
@@ -135,7 +143,8 @@ def plan_lines(
     return [
         f"model        {info.description}",
         f"mode         {cfg.mode}: {info.describe_params()}",
-        f"precision    weights {info.weights or info.dtype}, mixed precision {mixed_precision}, "
+        f"precision    weights {info.weights or info.dtype}, mixed precision {mixed_precision} "
+        f"({mixed_precision_choice(cfg)[1]}), "
         f"attention {info.attention}{info.attention_note}, gradient checkpointing {checkpointing}",
         f"batch        {plan.describe()}",
         f"steps        {cfg.max_steps} = {cfg.max_steps / epoch_steps:.2f} epochs of {len(train_data):,} pairs "

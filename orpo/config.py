@@ -48,7 +48,9 @@ class TrainConfig:
     """Dtype of the base weights. `auto`: float32 for `full` (mixed precision autocasts) and on the
     CPU; bfloat16 on GPUs that have it, else float16, for `lora`/`qlora` (QLoRA's compute dtype)."""
     mixed_precision: str = "auto"
-    """Autocast: `auto` is bf16 on GPUs that have it, fp16 on other GPUs, `no` on the CPU."""
+    """Autocast: `auto` is what the hardware computes natively: bf16 on GPUs of compute capability >= 8,
+    fp16 (with a GradScaler) on older GPUs, bf16 on CPUs with AMX or AVX512-BF16, else `no` (float32).
+    The plan line `precision` says which and why. Or `no`, `bf16`, `fp16`."""
     attn_implementation: str = "auto"
     """`auto` picks flash_attention_2 when flash-attn loads (transformers' check plus its CUDA extension)
     and the GPU supports it, else sdpa (the plan says why). Or `sdpa`, `flash_attention_2`,
@@ -343,6 +345,8 @@ def _check(key: str, value: Any, where: str) -> Any:
     """Check one key and its value against the field's annotation, converting where lossless."""
     if key not in _fields():
         raise _unknown_key_error(key, where)
+    if key == "mixed_precision" and value is False:  # YAML 1.1 reads an unquoted `no` as False
+        return "no"
     hint = typing.get_type_hints(TrainConfig)[key]
     allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
     for t in allowed:

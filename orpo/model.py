@@ -217,11 +217,35 @@ def resolve_dtype(cfg: TrainConfig) -> torch.dtype:
     return torch.float32 if cfg.mode == "full" else auto_compute_dtype("cuda")
 
 
-def resolve_mixed_precision(cfg: TrainConfig) -> str:
-    """accelerate's mixed_precision: `auto` is bf16 / fp16 / no as `auto_compute_dtype` decides."""
+def cpu_native_bf16() -> str | None:
+    """The CPU's native bf16 instructions as torch's CPU backend reports them (AMX, AVX512-BF16), or None.
+
+    oneDNN runs bf16 matmuls on these much faster than float32 (a SmolLM2-135M LoRA step: 309-333
+    tokens/s under bf16 autocast against 175 in float32, issue 20); without them bf16 is emulated."""
+    checks = {"AMX": torch.cpu._is_amx_tile_supported, "AVX512-BF16": torch.cpu._is_avx512_bf16_supported}
+    found = [name for name, has in checks.items() if has()]
+    return " and ".join(found) or None
+
+
+def mixed_precision_choice(cfg: TrainConfig) -> tuple[str, str]:
+    """accelerate's mixed_precision and why: what the hardware computes natively when `auto`.
+
+    bf16 on GPUs of compute capability >= 8 (`native_bf16`), fp16 with a GradScaler on older GPUs,
+    bf16 autocast on CPUs with AMX or AVX512-BF16 (weights stay float32), float32 otherwise."""
     if cfg.mixed_precision != "auto":
-        return cfg.mixed_precision
-    return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "no"}[auto_compute_dtype("cuda")]
+        return cfg.mixed_precision, "as configured"
+    if torch.cuda.is_available():
+        if native_bf16():
+            return "bf16", "auto: the GPU computes in bf16 natively"
+        return "fp16", "auto: the GPU has no native bf16, fp16 with a GradScaler"
+    native = cpu_native_bf16()
+    if native:
+        return "bf16", f"auto: bf16 autocast, the CPU has {native}"
+    return "no", "auto: float32, the CPU has no native bf16 (AMX or AVX512-BF16)"
+
+
+def resolve_mixed_precision(cfg: TrainConfig) -> str:
+    return mixed_precision_choice(cfg)[0]
 
 
 def flash_attn_problem() -> str | None:

@@ -169,11 +169,38 @@ def test_bf16_only_on_gpus_that_have_it_natively(
     assert resolve_mixed_precision(TrainConfig(mixed_precision="no")) == "no"
 
 
-def test_without_cuda_auto_is_float32_and_no_mixed_precision(monkeypatch: pytest.MonkeyPatch) -> None:
-    from orpo.model import resolve_dtype, resolve_mixed_precision
+@pytest.mark.parametrize(
+    "amx, avx512_bf16, mixed, why",
+    [
+        (False, False, "no", "auto: float32, the CPU has no native bf16 (AMX or AVX512-BF16)"),
+        (True, False, "bf16", "auto: bf16 autocast, the CPU has AMX"),
+        (False, True, "bf16", "auto: bf16 autocast, the CPU has AVX512-BF16"),
+        (True, True, "bf16", "auto: bf16 autocast, the CPU has AMX and AVX512-BF16"),
+    ],
+)
+def test_without_cuda_auto_is_bf16_autocast_only_where_the_cpu_has_it_natively(
+    monkeypatch: pytest.MonkeyPatch, amx: bool, avx512_bf16: bool, mixed: str, why: str
+) -> None:
+    """Issue 20: the CPU's native bf16 (as torch's CPU backend reports it) gives bf16 autocast; the
+    weights stay float32 either way, and an explicit setting is kept."""
+    from orpo.model import mixed_precision_choice, resolve_dtype, resolve_mixed_precision
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert resolve_mixed_precision(TrainConfig()) == "no" and resolve_dtype(TrainConfig()) == torch.float32
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    assert mixed_precision_choice(TrainConfig()) == (mixed, why)
+    assert resolve_mixed_precision(TrainConfig()) == mixed and resolve_dtype(TrainConfig()) == torch.float32
+    assert mixed_precision_choice(TrainConfig(mixed_precision="no")) == ("no", "as configured")
+
+
+def test_an_unquoted_no_is_mixed_precision_no(tmp_path: Path) -> None:
+    """YAML 1.1 reads `no` as False: `mixed_precision=no` and `mixed_precision: no` both mean "no"."""
+    from orpo.config import load_config
+
+    path = tmp_path / "c.yaml"
+    path.write_text("mixed_precision: no\n")
+    assert load_config(path).mixed_precision == "no"
+    assert load_config(None, ["mixed_precision=no"]).mixed_precision == "no"
 
 
 # ---- 3. flash-attn: decided as transformers decides, and by loading its extension ----------------

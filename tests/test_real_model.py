@@ -123,6 +123,7 @@ def run_config(out: Path, qa_dir: Path, *overrides: str) -> TrainConfig:
             f"output_dir={out}",
             f"data_cache_dir={out / 'cache'}",
             "max_steps=1",
+            "mixed_precision=no",  # float32: compared with a float64 reference
             "global_batch_size=4",
             "per_device_batch_size=2",
             "max_length=64",
