@@ -89,7 +89,8 @@ def leave(code: int, output_dir: Path, started: float, released: bool) -> None:
     if launched:
         rank = os.environ.get("RANK", "0")
         how = f", skipping interpreter teardown ({len(left)} communication threads still alive)" if left else ""
-        print(f"rank {rank}: exit {code}{how}", file=sys.stderr, flush=True)
+        sys.stderr.flush()  # then the line in one write(2): ranks share the launcher's stderr, and print's
+        os.write(2, f"rank {rank}: exit {code}{how}\n".encode())  # separate newline let two lines interleave
     if not left:
         sys.exit(code)
     # The last resort described above: everything Python would flush at exit, flushed now.
