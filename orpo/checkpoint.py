@@ -25,6 +25,7 @@ import random
 import re
 import shutil
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +55,7 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _fsync_path(path: Path) -> None:
+def fsync_path(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -62,19 +63,24 @@ def _fsync_path(path: Path) -> None:
         os.close(fd)
 
 
+def fsync_folders(paths: Iterable[Path], root: Path) -> None:
+    """fsync the folders holding `paths`, and `root`, deepest first (so each entry is durable in its parent)."""
+    for folder in sorted({p.parent for p in paths} | {root}, key=lambda p: -len(p.parts)):
+        fsync_path(folder)
+
+
 def write_manifest(directory: Path) -> dict[str, Any]:
     """fsync every file under `directory`, then write (and fsync) the manifest of their sizes and hashes."""
     files = {}
     for path in sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST):
-        _fsync_path(path)
+        fsync_path(path)
         files[str(path.relative_to(directory))] = {"size": path.stat().st_size, "sha256": _sha256(path)}
     manifest = {"files": files}
     tmp = directory / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=1))
-    _fsync_path(tmp)
+    fsync_path(tmp)
     os.replace(tmp, directory / MANIFEST)
-    for sub in sorted({p.parent for p in directory.rglob("*")} | {directory}, key=lambda p: -len(p.parts)):
-        _fsync_path(sub)
+    fsync_folders(directory.rglob("*"), directory)
     return manifest
 
 
@@ -166,7 +172,7 @@ def finalize(output_dir: str | Path, step: int, trainer_state: dict[str, Any], k
     if final.exists():  # the same step saved again (e.g. a preempted run resumed, then preempted at once)
         shutil.rmtree(final)
     os.replace(staging, final)
-    _fsync_path(final.parent)
+    fsync_path(final.parent)
     prune(output_dir, keep_last)
     return final
 

@@ -12,6 +12,11 @@ from accelerate.utils import TorchDynamoPlugin
 from orpo.config import BatchPlan, ConfigError, TrainConfig
 
 
+def launched() -> bool:
+    """Whether this process is one of several started by a launcher (accelerate, torchrun, srun)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
 def init_processes() -> tuple[PartialState, bool]:
     """The process group, and whether to force the CPU.
 
@@ -19,8 +24,7 @@ def init_processes() -> tuple[PartialState, bool]:
     (distributed type NO: no gradient all-reduce at all). Launched processes on a CPU-only machine
     therefore get gloo, and for plain data parallelism the CPU flag that makes accelerate wrap DDP.
     """
-    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    if not launched or torch.cuda.is_available():
+    if not launched() or torch.cuda.is_available():
         return PartialState(), False
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
         return PartialState(backend="gloo"), False

@@ -31,7 +31,8 @@ import os
 import sys
 from pathlib import Path
 
-from orpo.checkpoint import _fsync_path
+from orpo.checkpoint import fsync_folders, fsync_path
+from orpo.distributed import launched
 
 COMM_THREAD_PREFIXES = ("gloo", "pt_gloo", "pt_nccl")
 
@@ -65,16 +66,14 @@ def release_process_groups() -> None:
     gc.collect()
 
 
-def sync_outputs(output_dir: Path, since: float) -> int:
+def sync_outputs(output_dir: Path, since: float) -> None:
     """fsync every file under `output_dir` changed since `since` (a time.time()), and their folders."""
     if not output_dir.is_dir():
-        return 0
+        return
     changed = [p for p in output_dir.rglob("*") if p.is_file() and p.stat().st_mtime >= since]
     for path in changed:
-        _fsync_path(path)
-    for folder in sorted({p.parent for p in changed} | {output_dir}, key=lambda p: -len(p.parts)):
-        _fsync_path(folder)
-    return len(changed)
+        fsync_path(path)
+    fsync_folders(changed, output_dir)
 
 
 def leave(code: int, output_dir: Path, started: float, released: bool) -> None:
@@ -85,8 +84,7 @@ def leave(code: int, output_dir: Path, started: float, released: bool) -> None:
     if released:
         release_process_groups()
     left = comm_threads()
-    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    if launched:
+    if launched():
         rank = os.environ.get("RANK", "0")
         how = f", skipping interpreter teardown ({len(left)} communication threads still alive)" if left else ""
         sys.stderr.flush()  # then the line in one write(2): ranks share the launcher's stderr, and print's
