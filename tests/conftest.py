@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -38,6 +40,33 @@ def reset_accelerate() -> None:
 
 @pytest.fixture
 def fresh_accelerate():
+    reset_accelerate()
+    yield
+    reset_accelerate()
+
+
+def train_tiny(out: Path, *overrides: str) -> dict[str, Any]:
+    """train_orpo.main on configs/tiny.yaml in this process, writing to `out` (data cache beside it)."""
+    import train_orpo
+    from orpo.config import load_config
+
+    reset_accelerate()
+    cfg = load_config(TINY_CONFIG, [f"output_dir={out}", f"data_cache_dir={out.parent / 'cache'}", *overrides])
+    try:
+        return train_orpo.main(cfg)
+    finally:
+        reset_accelerate()
+
+
+@pytest.fixture
+def no_model(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Fails the test if a model would be loaded: bad input must be refused before that."""
+    import train_orpo
+
+    def load_model(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("model loaded")
+
+    monkeypatch.setattr(train_orpo, "load_model", load_model)
     reset_accelerate()
     yield
     reset_accelerate()

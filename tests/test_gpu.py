@@ -24,7 +24,7 @@ from orpo.forward import forward_orpo, policy_forward, resolve_head, to_device
 from orpo.logprobs import chunked_token_logps
 from orpo.metrics import MetricSums
 from orpo.model import flash_attn_problem
-from tests.conftest import ROOT, TINY, TINY_CONFIG, reset_accelerate
+from tests.conftest import ROOT, TINY, train_tiny
 from tests.test_collator import pair
 from tests.test_train import _scalars
 
@@ -67,17 +67,6 @@ def small_mistral(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def train(out: Path, *overrides: str) -> dict:
-    import train_orpo
-
-    reset_accelerate()
-    cfg = load_config(TINY_CONFIG, [f"output_dir={out}", f"data_cache_dir={out.parent / 'cache'}", *overrides])
-    try:
-        return train_orpo.main(cfg)
-    finally:
-        reset_accelerate()
-
-
 QLORA = (
     "random_init=false",
     "mode=qlora",
@@ -95,7 +84,7 @@ def test_qlora_steps_of_a_mistral_architecture_model_in_bf16(
     tmp_path: Path, small_mistral: Path, attention: str
 ) -> None:
     pytest.importorskip("bitsandbytes")
-    summary = train(
+    summary = train_tiny(
         tmp_path / "run",
         f"model_name_or_path={small_mistral}",
         *QLORA,
@@ -170,7 +159,9 @@ def test_chunked_head_matches_full_float32_logits(dtype: torch.dtype) -> None:
 
 def test_fp16_trains_with_a_grad_scaler(tmp_path: Path) -> None:
     out = tmp_path / "run"
-    summary = train(out, "mixed_precision=fp16", "max_steps=4", "save_steps=2", "logging_steps=1", "eval_split=null")
+    summary = train_tiny(
+        out, "mixed_precision=fp16", "max_steps=4", "save_steps=2", "logging_steps=1", "eval_split=null"
+    )
     assert summary["plan"]["mixed_precision"] == "fp16"
     assert (out / "checkpoints" / "step_2" / "scaler.pt").is_file()  # accelerate saves the GradScaler it made
     losses = [v for _, v in _scalars(out, "train/loss")]
@@ -184,10 +175,10 @@ def test_paged_adamw_8bit_checkpoint_resumes_exactly(tmp_path: Path, small_mistr
     common = (f"model_name_or_path={small_mistral}", *QLORA, "max_steps=4", "save_steps=2", "eval_split=null")
     common += ("lora_dropout=0.0",)
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
-    train(whole, *common)
+    train_tiny(whole, *common)
     (resumed / "checkpoints").mkdir(parents=True)
     shutil.copytree(whole / "checkpoints" / "step_2", resumed / "checkpoints" / "step_2")
-    train(resumed, *common, "resume_from=latest")
+    train_tiny(resumed, *common, "resume_from=latest")
     for tag in ("train/loss", "train/grad_norm"):
         want = dict(_scalars(whole, tag))
         got = dict(_scalars(resumed, tag))

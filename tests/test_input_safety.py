@@ -19,12 +19,11 @@ from typing import Any
 import pytest
 
 import orpo.guards as guards
-import train_orpo
 from orpo.checkpoint import CheckpointError, find_resume_checkpoint, write_manifest
-from orpo.config import ConfigError, load_config
+from orpo.config import ConfigError
 from orpo.data import DataError
 from orpo.model import ModelLoadError
-from tests.conftest import ROOT, TINY_CONFIG, reset_accelerate
+from tests.conftest import ROOT, train_tiny
 from tests.test_reliability import SORT, digest_tree
 
 HOLD_LOCK = (
@@ -35,31 +34,11 @@ HOLD_LOCK = (
 
 
 @pytest.fixture
-def no_model(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    def load_model(*args: Any, **kwargs: Any) -> None:
-        raise AssertionError("model loaded")
-
-    monkeypatch.setattr(train_orpo, "load_model", load_model)
-    reset_accelerate()
-    yield
-    reset_accelerate()
-
-
-@pytest.fixture
 def own_signal_handlers() -> Iterator[None]:
     saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
     yield
     for sig, handler in saved.items():
         signal.signal(sig, handler)
-
-
-def run_main(out: Path, *overrides: str) -> dict[str, Any]:
-    reset_accelerate()
-    cfg = load_config(TINY_CONFIG, [f"output_dir={out}", f"data_cache_dir={out.parent / 'cache'}", *overrides])
-    try:
-        return train_orpo.main(cfg)
-    finally:
-        reset_accelerate()
 
 
 def old_run(out: Path) -> dict[str, str]:
@@ -95,7 +74,7 @@ def test_overwrite_with_a_bad_input_loses_nothing(
     (tmp_path / "no_model").mkdir()
     extra = ["tokenizer_name_or_path=assets/tiny", "random_init=false"] if "model_name" in bad else []
     with pytest.raises(error):
-        run_main(out, "overwrite=true", bad.format(tmp=tmp_path), *extra, "eval_split=null")
+        train_tiny(out, "overwrite=true", bad.format(tmp=tmp_path), *extra, "eval_split=null")
     after = digest_tree(out)
     after.pop("run.lock")
     assert after == before
@@ -104,7 +83,7 @@ def test_overwrite_with_a_bad_input_loses_nothing(
 def test_overwrite_deletes_the_old_run_once_everything_has_loaded(own_signal_handlers: None, tmp_path: Path) -> None:
     out = tmp_path / "out"
     old_run(out)
-    done = run_main(out, "overwrite=true", "max_steps=2", "eval_split=null", "logging_steps=1", "save_steps=0")
+    done = train_tiny(out, "overwrite=true", "max_steps=2", "eval_split=null", "logging_steps=1", "save_steps=0")
     assert done["finished"] and json.loads((out / "run_summary.json").read_text())["step"] == 2
     assert not (out / "checkpoints").exists() and not (out / "data_order.jsonl").exists()
     assert b"old events" not in b"".join(p.read_bytes() for p in (out / "tensorboard").rglob("*") if p.is_file())
@@ -128,7 +107,7 @@ def test_a_second_run_on_a_live_runs_directory_is_refused_naming_its_holder(no_m
     holder = hold_lock(out)
     try:
         with pytest.raises(ConfigError) as refused:
-            run_main(out, "overwrite=true", "resume_from=latest")
+            train_tiny(out, "overwrite=true", "resume_from=latest")
         message = str(refused.value)
         assert f"output_dir '{out}' is in use by a live run (host {socket.gethostname()}, pid {holder.pid}, " in message
         assert "started 20" in message and str(out / "run.lock") in message
@@ -138,7 +117,7 @@ def test_a_second_run_on_a_live_runs_directory_is_refused_naming_its_holder(no_m
         holder.communicate("")  # it ends cleanly: its lock body is emptied
     assert (out / "run.lock").read_text() == ""
     with pytest.raises(AssertionError, match="model loaded"):  # now free: the run goes on to the model
-        run_main(out, "overwrite=true", "eval_split=null")
+        train_tiny(out, "overwrite=true", "eval_split=null")
 
 
 def test_a_stale_lock_of_a_killed_run_is_taken_over(
@@ -150,7 +129,7 @@ def test_a_stale_lock_of_a_killed_run_is_taken_over(
     holder.wait()
     assert json.loads((out / "run.lock").read_text())["pid"] == holder.pid
     with pytest.raises(AssertionError, match="model loaded"):
-        run_main(out, "eval_split=null")
+        train_tiny(out, "eval_split=null")
     printed = capsys.readouterr().out
     assert (
         f"output dir   took over the lock of a run that is gone (host {socket.gethostname()}, pid {holder.pid}, "
@@ -202,7 +181,7 @@ def stopped_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     out = root / "run"
     saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
     try:
-        run_main(out, *run_args(data), "max_steps=4")
+        train_tiny(out, *run_args(data), "max_steps=4")
     finally:
         for sig, handler in saved.items():
             signal.signal(sig, handler)
@@ -240,7 +219,7 @@ def test_resume_over_changed_data_is_refused_before_the_model_loads(
     try:
         data.write_text("".join(rows[1:] + rows[:1]))  # the same rows in another order: another sha256
         with pytest.raises(ConfigError) as refused:
-            run_main(out, *run_args(data), "max_steps=4", "resume_from=latest")
+            train_tiny(out, *run_args(data), "max_steps=4", "resume_from=latest")
     finally:
         data.write_text(original)
     message = str(refused.value)
@@ -251,7 +230,7 @@ def test_resume_over_changed_data_is_refused_before_the_model_loads(
 def test_resume_over_the_same_data_goes_on(no_model: None, stopped_run: tuple[Path, Path], tmp_path: Path) -> None:
     data, out = copy_run(stopped_run, tmp_path)
     with pytest.raises(AssertionError, match="model loaded"):
-        run_main(out, *run_args(stopped_run[0]), "max_steps=4", "resume_from=latest")
+        train_tiny(out, *run_args(stopped_run[0]), "max_steps=4", "resume_from=latest")
 
 
 def test_a_half_written_last_line_of_data_order_is_tolerated(
@@ -261,7 +240,7 @@ def test_a_half_written_last_line_of_data_order_is_tolerated(
     _, out = copy_run(stopped_run, tmp_path)
     order = out / "data_order.jsonl"
     order.write_text(order.read_text() + '{"step": 5, "rows": [3, 1')  # a kill in the middle of an append
-    done = run_main(out, *run_args(stopped_run[0]), "max_steps=4", "resume_from=latest")
+    done = train_tiny(out, *run_args(stopped_run[0]), "max_steps=4", "resume_from=latest")
     assert done["finished"]
     steps = [json.loads(line)["step"] for line in order.read_text().splitlines()]
     assert steps == [1, 2, 3, 4]

@@ -39,6 +39,7 @@ from orpo.forward import forward_orpo, policy_forward, resolve_head
 from orpo.loss import orpo_loss
 from orpo.metrics import MetricSums
 from tests.conftest import ROOT, reset_accelerate
+from tests.test_train import _scalars
 
 _spec = importlib.util.spec_from_file_location("get_smollm2", ROOT / "scripts" / "get_smollm2.py")
 get_smollm2 = importlib.util.module_from_spec(_spec)
@@ -448,18 +449,6 @@ def test_qlora_step_trains_the_nf4_model(
     lora_b = [v for k, v in adapter.items() if "lora_B" in k]
     assert lora_b and any(v.abs().max() > 0 for v in lora_b), "the step updated the adapter"
     assert "mode         qlora" in printed
-
-
-def _scalars(out: Path, tag: str) -> list[tuple[int, float]]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    values = []
-    for path in sorted((out / "tensorboard").rglob("events.out.tfevents.*")):
-        acc = EventAccumulator(str(path))
-        acc.Reload()
-        if tag in acc.Tags().get("scalars", []):
-            values += [(e.step, e.value) for e in acc.Scalars(tag)]
-    return sorted(values)
 
 
 # ---- chat ----------------------------------------------------------------------------------------

@@ -583,17 +583,6 @@ def test_every_rank_names_the_checkpoint_when_stopping_on_non_finite_steps(
 # ---- 7. bad input fails before any model is loaded, and loses nothing ------------------------------
 
 
-@pytest.fixture
-def no_model(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    def load_model(*args: Any, **kwargs: Any) -> None:
-        raise AssertionError("model loaded")
-
-    monkeypatch.setattr(train_orpo, "load_model", load_model)
-    reset_accelerate()
-    yield
-    reset_accelerate()
-
-
 def main_fails(out: Path, *overrides: str, error: type[Exception] = ConfigError) -> str:
     """Run train_orpo.main in this process; it must raise `error` within seconds; returns the message."""
     started = time.monotonic()
