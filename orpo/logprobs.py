@@ -6,8 +6,8 @@ and 16k tokens that is ~2 GB per copy. ORPO only needs log P(target) at the posi
 
   1. keep the decoder's last hidden states, [R, T, H], and gather only the positions whose next
      token is scored (response tokens; also the chosen prompts' with `nll_on_prompt`): [N, H];
-  2. `chunked_token_logps`: per chunk of positions, logits = hidden @ W^T (+ b) in float32, then
-     log P(target) = logit[target] - logsumexp(logits). Backward recomputes each chunk's logits, so
+  2. `chunked_token_logps`: per chunk of positions, logits = hidden @ W^T (+ b), upcast to float32,
+     then log P(target) = logit[target] - logsumexp(logits). Backward recomputes each chunk's logits, so
      memory holds one chunk's [c, V] at a time, never [N, V]:
 
          d logp_i / d logits_i = onehot(target_i) - softmax(logits_i)
@@ -22,6 +22,40 @@ Valid only for models whose logits are exactly `lm_head(last_hidden_state)` (Lla
 plain matrix outside its forward (a LoRA or 4-bit head; under DeepSpeed ZeRO-3 every head, its
 weight partitioned) goes through `module_token_logps` instead: the same chunks, each a call of the
 head module under activation checkpointing.
+
+Precision. The log-sum-exp, softmax and log-probs are float32 (float64 for float64 inputs) on every
+path; `matmul_dtype` (the trainer's: `orpo.forward.head_matmul_dtype`) sets the GEMMs:
+
+  - None: float32 operands and GEMMs; bf16/fp16 inputs give the float32 products of their values.
+  - CUDA, bf16 or fp16: half operands into torch.mm(out_dtype=float32): tensor cores, float32
+    accumulation, float32 logits (the exact products of the rounded operands).
+  - the CPU, bf16: torch.mm(out_dtype=) has no CPU kernel (NotImplementedError). Each chunk's logits
+    come from a bf16 GEMM (AMX / AVX512-BF16, float32 accumulation, the bias inside the GEMM) with
+    bf16 output, as the unfused head's logits under bf16 autocast, then are upcast to float32
+    for the log-sum-exp. The backward's GEMMs are bf16 too; the weight gradient is summed over chunks
+    in float32. The weight is cast to bf16 once per forward and once per backward.
+  - the CPU, fp16 (never the trainer's choice): fp16-rounded operands multiplied in float32, since
+    fp16 logits could overflow.
+
+Measured (`.venv/bin/python bench/head_bf16.py`, 2 shared cores with AMX, forward + backward,
+float32 hidden states and master weight as under accelerate's bf16 autocast, median of 5
+interleaved runs, ratio to the head before this choice, which converted the bf16 weight back to
+float32 in every chunk's matmuls):
+
+    case                               before   (a) convert once   (b) bf16 logits   float32   full logits
+    SmolLM2-135M: V=49,152, H=576,     1.00     0.86               0.49              0.79      0.36
+      N=1,600, head trained            515 MB   461 MB             376 MB            209 MB    1,256 MB
+    the same, head frozen (LoRA)       1.00     0.78               0.39              0.65      0.41
+                                       407 MB   353 MB             202 MB            101 MB    1,254 MB
+    Mistral-7B: V=32,000, H=4,096,     1.00     0.90               0.32              0.72      0.28
+      N=512, head trained              1.43 GB  1.08 GB            1.04 GB           0.57 GB   0.76 GB
+
+(peak memory beyond the inputs, from torch.profiler). (a) rounds the operands to bf16 and multiplies
+them in float32, the weight converted once per pass: the old numbers, at float32 GEMM speed plus the
+conversions, slower than plain float32. (b) is what runs. "full logits" is the unfused head under
+autocast: somewhat faster (no recompute in backward, no per-chunk weight-gradient sum), at [N, V]
+memory, which the chunks exist to avoid once N is large (SmolLM2's row; at Mistral's N=512 the
+[V, H] bf16 copies and products dominate instead).
 """
 
 from __future__ import annotations
@@ -54,30 +88,48 @@ def default_chunk_size(vocab_size: int, positions: int = CHUNK_POSITIONS, max_by
 
 
 class _Precision(NamedTuple):
-    operand: torch.dtype  # the matmuls' inputs are cast to this
+    operand: torch.dtype  # the matmuls' inputs are rounded to this
+    compute: torch.dtype  # and held in this for the GEMM: `operand`, or `out` where no half GEMM fits
+    product: torch.dtype  # the GEMM's output: `out`, except bf16 for bf16 GEMMs on the CPU
     out: torch.dtype  # logits, softmax and the accumulated weight gradient: float32 (float64 for float64 inputs)
 
 
 def _precision(hidden: torch.Tensor, weight: torch.Tensor, matmul_dtype: torch.dtype | None) -> _Precision:
     out = torch.promote_types(torch.promote_types(hidden.dtype, weight.dtype), torch.float32)
-    return _Precision(matmul_dtype or out, out)
+    operand = matmul_dtype or out
+    if operand == out or hidden.is_cuda:  # float32 GEMMs, or half ones with float32 output (mm out_dtype)
+        return _Precision(operand, operand, out, out)
+    if operand == torch.bfloat16:  # the CPU: no mm(out_dtype=) kernel; a bf16 GEMM writes bf16
+        return _Precision(operand, operand, operand, out)
+    # fp16 on the CPU (not a mixed-precision default: orpo.forward.head_matmul_dtype): fp16 logits
+    # could overflow, so the rounded operands are held and multiplied in float32.
+    return _Precision(operand, out, out, out)
+
+
+def _operand(x: torch.Tensor, p: _Precision) -> torch.Tensor:
+    """x rounded to p.operand, held in p.compute (no copy when it is already there)."""
+    return x.to(p.operand).to(p.compute)
 
 
 def _matmul(a: torch.Tensor, b: torch.Tensor, p: _Precision) -> torch.Tensor:
-    """a @ b with a, b in p.operand, result in p.out (products of half operands are exact in float32).
-    Half operands (bf16, or fp16 under fp16 mixed precision: orpo.forward.head_matmul_dtype) on CUDA:
-    one tensor-core GEMM accumulating in float32."""
-    if a.dtype == p.out:
+    """a @ b for operands in p.compute, in p.product.
+
+    CUDA, half operands: one tensor-core GEMM accumulating in float32 with float32 output, the exact
+    products of the rounded operands. The CPU, bf16 operands: a bf16 GEMM (AMX / AVX512-BF16,
+    float32 accumulation) whose output is rounded to bf16, as the unfused head's is under autocast;
+    callers upcast it as they read it."""
+    if p.compute == p.product:
         return a @ b
-    if a.is_cuda:  # tensor cores, float32 accumulation and output
-        return torch.mm(a, b, out_dtype=p.out)
-    return a.to(p.out) @ b.to(p.out)  # the same numbers, where mm(out_dtype=) has no kernel (CPU)
+    return torch.mm(a, b, out_dtype=p.product)
 
 
 def _chunk_logits(
     hidden: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None, p: _Precision
 ) -> torch.Tensor:
-    logits = _matmul(hidden.to(p.operand), weight_t, p)
+    """hidden [c, H] and weight_t [H, V] in p.compute, bias [V] in p.product -> [c, V] logits in p.out."""
+    if bias is not None and p.product != p.out:  # bf16 on the CPU: the bias joins the GEMM, as under autocast
+        return torch.addmm(bias, hidden, weight_t).to(p.out)
+    logits = _matmul(hidden, weight_t, p).to(p.out)
     return logits if bias is None else logits.add_(bias)
 
 
@@ -104,14 +156,14 @@ class _ChunkedTokenLogps(torch.autograd.Function):
         ctx.gather = gather or nullcontext
         with ctx.gather():  # a ZeRO-3 head's weight is whole only inside
             p = _precision(hidden, weight, matmul_dtype)
-            weight_t = weight.to(p.operand).t()  # one upcast copy [V, H] at most, never [N, V]
-            bias_out = None if bias is None else bias.to(p.out)
+            weight_t = _operand(weight, p).t()  # one cast copy [V, H] per forward at most, never [N, V]
+            bias_op = None if bias is None else bias.to(p.product)
             logps = torch.empty(hidden.shape[0], dtype=p.out, device=hidden.device)
             lse = torch.empty_like(logps)
             with torch.autocast(hidden.device.type, enabled=False):  # keep autocast from casting to bf16
                 for start in range(0, hidden.shape[0], chunk_size):
                     end = start + chunk_size
-                    logits = _chunk_logits(hidden[start:end], weight_t, bias_out, p)
+                    logits = _chunk_logits(_operand(hidden[start:end], p), weight_t, bias_op, p)
                     target_logits = logits.gather(1, targets[start:end, None]).squeeze(1)
                     lse[start:end] = _logsumexp_(logits)  # one [c, V] buffer: logits, then overwritten in place
                     logps[start:end] = target_logits - lse[start:end]
@@ -131,28 +183,33 @@ class _ChunkedTokenLogps(torch.autograd.Function):
         hidden, weight, bias, targets, lse = ctx.saved_tensors
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         p: _Precision = ctx.precision
-        w = weight.to(p.operand)
-        bias_out = None if bias is None else bias.to(p.out)
+        w = _operand(weight, p)  # one cast copy per backward
+        bias_op = None if bias is None else bias.to(p.product)
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
-        grad_weight = torch.zeros(weight.shape, dtype=p.out, device=weight.device) if need_weight else None
+        grad_weight = None  # the first chunk's product, then the sum: no zero-filled [V, H] to add to
         grad_bias = torch.zeros(bias.shape, dtype=p.out, device=bias.device) if need_bias else None
         with torch.autocast(hidden.device.type, enabled=False):
             for start in range(0, hidden.shape[0], ctx.chunk_size):
                 end = start + ctx.chunk_size
-                h = hidden[start:end].to(p.operand)
+                h = _operand(hidden[start:end], p)
                 g = grad_logps[start:end].to(p.out)[:, None]
                 # d logp / d logits = onehot(target) - softmax, scaled by g; built in place in the logits buffer.
-                dlogits = _chunk_logits(h, w.t(), bias_out, p).sub_(lse[start:end, None]).exp_().mul_(-g)
+                dlogits = _chunk_logits(h, w.t(), bias_op, p).sub_(lse[start:end, None]).exp_().mul_(-g)
                 dlogits.scatter_add_(1, targets[start:end, None], g)
-                if need_hidden:
-                    grad_hidden[start:end] = _matmul(dlogits.to(p.operand), w, p)
-                if need_weight and p.operand == p.out:
-                    grad_weight.addmm_(dlogits.t(), h)  # accumulate in place, no [V, H] temporary
-                elif need_weight:
-                    grad_weight += _matmul(dlogits.t().to(p.operand), h, p)
                 if need_bias:
                     grad_bias += dlogits.sum(0)
+                dlogits = _operand(dlogits, p)  # the logits' gradient, rounded as autocast's backward rounds it
+                if need_hidden:
+                    grad_hidden[start:end] = _matmul(dlogits, w, p)  # cast to hidden's dtype as it is copied
+                if need_weight and grad_weight is None:
+                    grad_weight = _matmul(dlogits.t(), h, p).to(p.out)
+                elif need_weight and p.compute == p.out:
+                    grad_weight.addmm_(dlogits.t(), h)  # accumulate in place, no [V, H] temporary
+                elif need_weight:
+                    grad_weight += _matmul(dlogits.t(), h, p)  # a bf16 product is upcast as it is added
                 del dlogits  # free this chunk's buffer before the next one is allocated
+        if need_weight and grad_weight is None:  # no positions
+            grad_weight = torch.zeros(weight.shape, dtype=p.out, device=weight.device)
         return (
             grad_hidden,
             None if grad_weight is None else grad_weight.to(weight.dtype),
@@ -189,14 +246,15 @@ def chunked_token_logps(
         matmul_dtype: None (default) computes the logits from float32 copies of the operands, so
             bf16/fp16 inputs give exactly the float32 products of their values. torch.bfloat16 (or
             fp16) casts the operands, and the gradient of the logits on the way back, to it, with
-            float32 accumulation and output: the speed of the unfused head under autocast, without
-            its bf16 logits.
+            float32 accumulation: on CUDA float32 logits (mm out_dtype); on the CPU, bf16 logits
+            as the unfused head's under autocast (see "Precision" in the module docstring).
         gather: a context in which weight and bias are whole (DeepSpeed ZeRO-3's GatheredParameters
             for a frozen, partitioned head); forward and backward each run inside one.
 
     Returns [N] log-probs in float32 (float64 for float64 inputs). Peak extra memory is one [chunk, V]
     float32 buffer (plus its cast copy with `matmul_dtype`), the [V, H] weight gradient, and one [V, H]
-    copy of the weight when it must be cast.
+    copy of the weight when it must be cast (on the CPU under bf16, also each chunk's bf16 [V, H]
+    weight-gradient product while it is added).
     """
     shape = whole_shape(weight)
     if hidden.dim() != 2 or len(shape) != 2 or hidden.shape[1] != shape[1]:

@@ -105,17 +105,19 @@ def assert_policy_close(got: PolicyLogps, want: PolicyLogps, **tol: float) -> No
 
 
 class OpSizes(TorchDispatchMode):
-    """Records the shape of every tensor each aten op returns (forward and backward alike)."""
+    """Records the shape (and dtype) of every tensor each aten op returns (forward and backward alike)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.shapes: list[tuple[str, tuple[int, ...]]] = []
+        self.outputs: list[tuple[str, tuple[int, ...], torch.dtype]] = []
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         out = func(*args, **(kwargs or {}))
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor):
                 self.shapes.append((str(func), tuple(t.shape)))
+                self.outputs.append((str(func), tuple(t.shape), t.dtype))
         return out
 
     def largest(self) -> int:
@@ -190,17 +192,80 @@ def test_half_inputs_give_float32_logps_of_their_values(dtype: torch.dtype) -> N
     assert_policy_close(got, want_fp32, rtol=0.0, atol=5e-2)
 
 
-def test_matmul_dtype_rounds_operands_not_logits() -> None:
-    """matmul_dtype=bf16: the logits are the float32 products of bf16-rounded operands."""
+def autocast_path(case: Case, train_head: bool) -> tuple[PolicyLogps, dict[str, torch.Tensor | None]]:
+    """The unfused head as the loop runs it under bf16 mixed precision on the CPU: float32 hidden and
+    master weight, F.linear under autocast (bf16 logits), upcast to float32, then policy_logps."""
+    hidden, weight = case.hidden.clone().requires_grad_(True), case.weight.clone().requires_grad_(train_head)
+    bias = None if case.bias is None else case.bias.clone().requires_grad_(train_head)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = torch.nn.functional.linear(hidden, weight, bias)
+    assert logits.dtype == torch.bfloat16
+    policy = policy_logps(logits.float(), case.labels, case.nll_labels)
+    loss_of(policy, case.num_nll_tokens).backward()
+    grads = {"hidden": hidden.grad, "weight": weight.grad, "bias": None if bias is None else bias.grad}
+    return PolicyLogps(*(t.detach() for t in policy)), grads
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("train_head", [True, False])
+def test_bf16_on_the_cpu_gives_the_autocast_heads_numbers(train_head: bool, bias: bool) -> None:
+    """matmul_dtype=bf16 on the CPU: each chunk's logits come from a bf16 GEMM (bias included), rounded
+    to bf16 as the unfused head's are under autocast; the log-sum-exp and log-probs are float32.
+
+    Values, at the fused-vs-unfused tolerance (1e-5): both paths round the same bf16 products of the
+    same bf16 operands (a GEMM computes each output row alone, so chunking does not change it); what
+    is left is float32 summation order in the log-sum-exp and the per-sequence sums.
+    Gradients: the logits' gradient is rounded to bf16 in both, and each GEMM's output too, but the
+    reference rounds the whole weight (and bias) gradient to bf16 once, where the chunked head adds
+    per-chunk bf16 products in float32. bf16 keeps 8 significant bits, so a rounding moves an entry
+    by at most 2**-8 of itself; allowed: 2**-7 relative, plus 2**-7 of the tensor's largest entry
+    for entries that are sums of cancelling chunk products. Measured: the hidden gradient is
+    identical, the weight's within 0.3% of its largest entry."""
+    case = Case(pairs=6, hidden_size=64, vocab=1000, nll_on_prompt=True, seed=29, bias=bias)
+    case.hidden *= 3  # logits of a few units, where bf16's rounding is ~0.01
+    want, want_grads = autocast_path(case, train_head)
+    got, got_grads = run_path(case, fused=True, train_head=train_head, matmul_dtype=torch.bfloat16, chunk_size=8)
+    assert got.chosen_logps.dtype == torch.float32
+    assert_policy_close(got, want, rtol=1e-5, atol=1e-5)
+    trained = ["hidden", "weight", "bias"][: (2 + bias) if train_head else 1]
+    for name in trained:
+        scale = want_grads[name].abs().max().item()
+        torch.testing.assert_close(got_grads[name], want_grads[name], rtol=2**-7, atol=2**-7 * scale)
+    assert [name for name, grad in got_grads.items() if grad is not None] == trained
+
+    unrounded, _ = run_path(case, fused=True, train_head=train_head, matmul_dtype=None)
+    with pytest.raises(AssertionError):  # the check can fail: float32 logits are not within 1e-5
+        assert_policy_close(unrounded, want, rtol=1e-5, atol=1e-5)
+
+
+def test_fp16_operands_on_the_cpu_round_operands_not_logits() -> None:
+    """matmul_dtype=fp16 on the CPU (no half GEMM with float32 output there, and fp16 logits could
+    overflow): the logits are the float32 products of fp16-rounded operands."""
     case = Case(pairs=4, hidden_size=32, vocab=64, nll_on_prompt=False, seed=13, bias=False)
-    got, got_grads = run_path(case, fused=True, train_head=True, matmul_dtype=torch.bfloat16, chunk_size=8)
+    got, got_grads = run_path(case, fused=True, train_head=True, matmul_dtype=torch.float16, chunk_size=8)
     rounded = Case(pairs=4, hidden_size=32, vocab=64, nll_on_prompt=False, seed=13, bias=False)
-    rounded.hidden, rounded.weight = (t.bfloat16().float() for t in (case.hidden, case.weight))
+    rounded.hidden, rounded.weight = (t.half().float() for t in (case.hidden, case.weight))
     want, want_grads = run_path(rounded, fused=False, train_head=True)
     assert_policy_close(got, want, rtol=1e-5, atol=1e-5)
     assert got_grads["hidden"].dtype == torch.float32  # the inputs' dtype
-    for name in ("hidden", "weight"):  # the gradient of the logits is rounded to bf16 too
+    for name in ("hidden", "weight"):  # the gradient of the logits is rounded to fp16 too
         torch.testing.assert_close(got_grads[name], want_grads[name], rtol=2e-2, atol=2e-3)
+
+
+def test_bf16_head_casts_the_weight_once_per_pass_never_per_chunk() -> None:
+    """Issue 20: the bf16 head on the CPU made a float32 copy of the [V, H] weight in every chunk's
+    matmul, forward and backward. Now: one bf16 copy in forward, one in backward, no float32 one."""
+    vocab, hidden_size = 300, 16
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(40, hidden_size, generator=gen, requires_grad=True)
+    weight = torch.randn(vocab, hidden_size, generator=gen)  # frozen: no [V, H] gradient to confuse the count
+    targets = torch.randint(0, vocab, (40,), generator=gen)
+    with OpSizes() as sizes:
+        chunked_token_logps(hidden, weight, targets, chunk_size=8, matmul_dtype=torch.bfloat16).sum().backward()
+    weight_sized = [(op, dtype) for op, shape, dtype in sizes.outputs if sorted(shape) == [hidden_size, vocab]]
+    copies = [dtype for op, dtype in weight_sized if "_to_copy" in op]
+    assert copies == [torch.bfloat16, torch.bfloat16], weight_sized
+    assert torch.float32 not in [dtype for _, dtype in weight_sized], weight_sized
 
 
 def test_autocast_does_not_lower_the_logits_precision() -> None:
