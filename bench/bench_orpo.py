@@ -100,6 +100,12 @@ class Case:
     lora_r: int = 16
     lora_alpha: int = 16
     seed: int = 42
+    # A real pretrained model and its tokenizer instead of random weights and a word-level tokenizer:
+    # "smollm2" (scripts/get_smollm2.py's directory) or any local HF model directory.
+    pretrained: str | None = None
+    # fp32: both sides float32 (ours mixed_precision=no, TRL bf16=False); bf16: both bf16 autocast;
+    # defaults: each side's own (ours mixed_precision=auto, TRL ORPOConfig's bf16 default, on even with use_cpu).
+    precision: str = "fp32"
     ours_overrides: list[str] = field(default_factory=list)
 
     @property
@@ -113,7 +119,7 @@ class Case:
     def asset_key(self) -> str:
         """What the tokenizer, weights and data depend on: reuse them when it matches."""
         keys = ("vocab", "model_config", "hidden", "intermediate", "layers", "heads", "kv_heads", "pairs")
-        keys += ("prompt_median", "response_median", "seed")
+        keys += ("prompt_median", "response_median", "seed", "pretrained")
         blob = {k: getattr(self, k) for k in keys}
         if self.model_config:
             blob["model_config_text"] = Path(self.model_config).read_text()
@@ -140,8 +146,28 @@ PRESETS: dict[str, dict[str, Any]] = {
         warmup=2,
         steps=5,
         pairs=512,
+        precision="bf16",
     ),
 }
+# A real architecture on the CPU (issue 20): SmolLM2-135M-Instruct's weights, tokenizer and ChatML
+# template (30 layers, hidden 576, vocabulary 49,152, tied embeddings), LoRA r=16 on the seven
+# projections, gradient checkpointing on both sides, 2 pairs per micro-batch, UltraFeedback-shaped
+# pairs (median prompt 134 tokens, responses 267). One preset per precision rule, same assets.
+SMOLLM2_LORA = dict(
+    pretrained="smollm2",
+    vocab=49152,
+    mode="lora",
+    gradient_checkpointing=True,
+    micro_batch=2,
+    global_batch=4,
+    warmup=1,
+    steps=3,
+    prompt_median=134,
+    response_median=267,
+)
+for _precision in ("defaults", "fp32", "bf16"):
+    PRESETS[f"cpu-smollm2-lora-{_precision}"] = dict(SMOLLM2_LORA, precision=_precision)
+PRECISIONS = ("defaults", "fp32", "bf16")
 
 
 # ---- assets: tokenizer, model, data --------------------------------------------------------------
@@ -236,6 +262,61 @@ def write_pairs(case: Case, vocab_size: int, path: Path) -> None:
             f.write(json.dumps({"prompt": text(p), "chosen": text(c), "rejected": text(r)}) + "\n")
 
 
+def pretrained_dir(name: str) -> Path:
+    """The model directory of --pretrained: "smollm2" is scripts/get_smollm2.py's (fetched if missing)."""
+    if name != "smollm2":
+        return Path(name).expanduser().resolve()
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import get_smollm2
+
+    return get_smollm2.fetch(get_smollm2.default_dir())
+
+
+def single_token_words(tokenizer: Any) -> list[str]:
+    """Lower-case words that the tokenizer encodes, after a space, as exactly one token: text made of
+    them has as many tokens as words, so the data's lengths are the case's token lengths."""
+    space = "\u0120"  # byte-level BPE's mark of a leading space (GPT-2, Llama 3, SmolLM2)
+    tokens = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    words = sorted({t[1:] for t in tokens if isinstance(t, str) and t.startswith(space) and t[1:].isascii()})
+    words = [w for w in words if w.isalpha() and w.islower()]
+    return [w for w in words if len(tokenizer.encode(" " + w, add_special_tokens=False)) == 1]
+
+
+def write_text_pairs(case: Case, words: list[str], path: Path) -> None:
+    """write_pairs for a real tokenizer: the same seeded lengths, drawn from single-token words."""
+    rng = np.random.default_rng(case.seed)
+    vocab = np.array(words)
+    text = lambda n: " ".join(vocab[rng.integers(0, len(vocab), n)])  # noqa: E731
+    prompt_len = lengths(rng, case.prompt_median, 50, 400, case.pairs)
+    chosen_len = lengths(rng, case.response_median, 50, 700, case.pairs)
+    rejected_len = lengths(rng, case.response_median, 50, 700, case.pairs)
+    with open(path, "w") as f:
+        for p, c, r in zip(prompt_len, chosen_len, rejected_len, strict=True):
+            f.write(json.dumps({"prompt": text(p), "chosen": text(c), "rejected": text(r)}) + "\n")
+
+
+def prepare_pretrained(case: Case, model_dir: Path, pairs: Path) -> int:
+    """Links the real model's files into model_dir and writes pairs in words its tokenizer keeps whole."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    source = pretrained_dir(case.pretrained)
+    for item in source.iterdir():
+        if item.is_file() and item.name != "DONE":
+            (model_dir / item.name).symlink_to(item)
+    config = AutoConfig.from_pretrained(model_dir)
+    if config.vocab_size != case.vocab:
+        raise SystemExit(f"{source} has vocab_size {config.vocab_size}; the case says --vocab {case.vocab}.")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    words = single_token_words(tokenizer)
+    if len(words) < 1000:
+        raise SystemExit(f"{source}'s tokenizer has {len(words)} single-token words; expected thousands.")
+    write_text_pairs(case, words, pairs)
+    from safetensors import safe_open
+
+    with safe_open(str(model_dir / "model.safetensors"), "pt") as f:
+        return sum(int(np.prod(f.get_slice(k).get_shape())) for k in f.keys())
+
+
 def prepare_assets(case: Case, workdir: Path) -> Path:
     """workdir/assets-<key>/ with the tokenizer and weights (model/) and the data (pairs.jsonl)."""
     assets = workdir / f"assets-{case.asset_key()}"
@@ -243,11 +324,19 @@ def prepare_assets(case: Case, workdir: Path) -> Path:
     if done.is_file():
         return assets
     model_dir = assets / "model"
-    model_dir.mkdir(parents=True, exist_ok=True)
-    print(f"[{case.name}] building tokenizer (vocab {case.vocab}), random model and {case.pairs} pairs in {assets}")
-    build_tokenizer(case.vocab, model_dir)
-    params = save_random_model(case, model_dir)
-    write_pairs(case, case.vocab, assets / "pairs.jsonl")
+    if model_dir.exists():  # an interrupted preparation
+        import shutil
+
+        shutil.rmtree(model_dir)
+    model_dir.mkdir(parents=True)
+    if case.pretrained:
+        print(f"[{case.name}] linking {case.pretrained} and writing {case.pairs} pairs in {assets}")
+        params = prepare_pretrained(case, model_dir, assets / "pairs.jsonl")
+    else:
+        print(f"[{case.name}] building tokenizer (vocab {case.vocab}), random model and {case.pairs} pairs in {assets}")
+        build_tokenizer(case.vocab, model_dir)
+        params = save_random_model(case, model_dir)
+        write_pairs(case, case.vocab, assets / "pairs.jsonl")
     done.write_text(json.dumps({"params": params, **asdict(case)}, indent=2))
     return assets
 
@@ -401,6 +490,7 @@ def ours_argv(case: Case, assets: Path, out: Path, workdir: Path) -> list[str]:
     if case.mode != "full":
         # TRL sets every dropout to 0 (disable_dropout=True); so do we, to run the same computation.
         argv += [f"lora_r={case.lora_r}", f"lora_alpha={case.lora_alpha}", "lora_dropout=0"]
+    argv.append(f"mixed_precision={ {'defaults': 'auto', 'fp32': 'no', 'bf16': 'bf16'}[case.precision] }")
     return argv + case.ours_overrides
 
 
@@ -436,6 +526,8 @@ def run_ours(spec: dict[str, Any]) -> dict[str, Any]:
             "tokens_per_s (all steps)": summary["tokens_per_s"],
             "train/peak_mem_gb": final.get("train/peak_mem_gb"),
         },
+        "ran_with": f"mixed_precision {summary.get('mixed_precision')}, weights {summary.get('dtype')}, "
+        f"gradient checkpointing {case.gradient_checkpointing}, head: {summary.get('head')}",
         "last_step": {k: final.get(f"train/{k}") for k in ("loss", "nll_loss", "or_loss", "log_odds_ratio")},
         "argv": ours_argv(case, assets, out, workdir),
     }
@@ -506,7 +598,7 @@ def run_trl(spec: dict[str, Any]) -> dict[str, Any]:
         max_steps=case.total_steps,
         gradient_checkpointing=case.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False},
-        bf16=cuda,  # mixed precision on the GPU (our `auto` picks bf16 there), float32 on the CPU
+        **({} if case.precision == "defaults" else {"bf16": case.precision == "bf16"}),  # see Case.precision
         fp16=False,
         use_cpu=not cuda,
         seed=case.seed,
@@ -533,12 +625,17 @@ def run_trl(spec: dict[str, Any]) -> dict[str, Any]:
         return batch
 
     trainer.data_collator = counting
+    ran_with = (
+        f"bf16 {trainer.args.bf16}, fp16 {trainer.args.fp16}, weights {next(model.parameters()).dtype}, "
+        f"gradient checkpointing {trainer.args.gradient_checkpointing}"
+    )
     trainer.train()
     logged = [h for h in trainer.state.log_history if "loss" in h]
     last = logged[-1] if logged else {}
     return {
         **probe.result(),
         "trl_version": trl.__version__,
+        "ran_with": ran_with,
         "last_step": {k: last.get(k) for k in ("loss", "nll_loss", "log_odds_ratio")},
     }
 
@@ -593,6 +690,8 @@ def summarise_run(case: Case, plan: Plan, system: str, raw: dict[str, Any]) -> d
     seen = [sum(collated[s : s + case.accumulation]) for s in range(0, len(collated), case.accumulation)]
     out = {
         "step_s": wall.tolist(),
+        # From the first module forward (model and data loaded) to the end of the first optimizer step.
+        "first_step_s": ends[0] - raw["at_first_forward"]["time"],
         "step_cpu_s": cpu.tolist(),
         # Other processes compete for the machine's cores: how many they kept busy during each step.
         "others_cores": np.clip((machine_cpu - cpu) / wall, 0.0, None).tolist(),
@@ -609,7 +708,7 @@ def summarise_run(case: Case, plan: Plan, system: str, raw: dict[str, Any]) -> d
     else:
         out["peak_mem_gb"] = raw["peak_rss"] / 1e9
         out["mem_rise_gb"] = (raw["maxrss_self"] - raw["at_first_forward"]["rss"]) / 1e9
-    for key in ("own_report", "trl_version", "argv", "last_step"):
+    for key in ("own_report", "trl_version", "argv", "last_step", "ran_with"):
         if key in raw:
             out[key] = raw[key]
     return out
@@ -627,6 +726,7 @@ def summarise(case: Case, plan: Plan, runs: list[dict[str, Any]]) -> dict[str, A
     tokens = sum(plan.step_tokens[case.warmup :])
     return {
         "tokens_per_s": tokens / float(best.sum()),
+        "first_step_s": min((r["first_step_s"] for r in runs if "first_step_s" in r), default=None),  # older json: none
         "step_s_mean": float(best.mean()),
         "step_s_median": float(np.median(best)),
         "step_cpu_s_mean": float(cpu.mean()),  # of the step times kept
@@ -662,19 +762,21 @@ def report(case: Case, plan: Plan, results: dict[str, dict[str, Any]]) -> str:
     lines = [
         f"### {case.name}: vocab {case.vocab}, {case.mode}, {case.micro_batch} pairs/micro-batch x "
         f"{case.accumulation} accumulation, max_length {case.max_length}, {case.steps} measured steps "
-        f"after {case.warmup} warm-up",
+        f"after {case.warmup} warm-up; precision: {case.precision}"
+        f"{' (each side its own default)' if case.precision == 'defaults' else ' on both sides'}",
         "",
         f"real tokens per measured step: {np.mean(plan.step_tokens[case.warmup :]):,.0f} "
         f"(padded batches: {np.mean(plan.step_padded[case.warmup :]):,.0f}, "
         f"{100 * (1 - sum(plan.step_tokens) / sum(plan.step_padded)):.0f}% padding)",
         "",
-        f"| system | tokens/s (real) | step time s (mean / median) | {mem} GB | rise over first forward GB "
-        "| CPU s/step | other processes, cores |",
-        "|---|---|---|---|---|---|---|",
+        f"| system | tokens/s (real) | step time s (mean / median) | first step s | {mem} GB "
+        "| rise over first forward GB | CPU s/step | other processes, cores |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for system, r in results.items():
+        first = "n/a" if r.get("first_step_s") is None else f"{r['first_step_s']:.2f}"
         lines.append(
-            f"| {system} | {r['tokens_per_s']:,.0f} | {r['step_s_mean']:.2f} / {r['step_s_median']:.2f} | "
+            f"| {system} | {r['tokens_per_s']:,.0f} | {r['step_s_mean']:.2f} / {r['step_s_median']:.2f} | {first} | "
             f"{r['peak_mem_gb']:.2f} | {r['mem_rise_gb']:.2f} | {r['step_cpu_s_mean']:.1f} | "
             f"{r['others_cores_mean']:.2f}{' (!)' if r['contended_steps'] else ''} |"
         )
@@ -682,10 +784,13 @@ def report(case: Case, plan: Plan, results: dict[str, dict[str, Any]]) -> str:
         o, t = results["ours"], results["trl"]
         lines.append(
             f"| **ours / TRL** | **{ratio(o['tokens_per_s'], t['tokens_per_s'])}** | "
-            f"{ratio(o['step_s_mean'], t['step_s_mean'])} | {ratio(o['peak_mem_gb'], t['peak_mem_gb'])} | "
+            f"{ratio(o['step_s_mean'], t['step_s_mean'])} | | {ratio(o['peak_mem_gb'], t['peak_mem_gb'])} | "
             f"{ratio(o['mem_rise_gb'], t['mem_rise_gb'])} | {ratio(o['step_cpu_s_mean'], t['step_cpu_s_mean'])} | |"
         )
     lines.append("")
+    for system, r in results.items():
+        if r["runs"][0].get("ran_with"):
+            lines.append(f"- {system} ran with: {r['runs'][0]['ran_with']}")
     for system, r in results.items():
         last = r["runs"][0].get("last_step") or {}
         lines.append(f"- {system} last step: " + ", ".join(f"{k} {v:.4f}" for k, v in last.items() if v is not None))
