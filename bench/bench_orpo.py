@@ -519,15 +519,15 @@ def run_ours(spec: dict[str, Any]) -> dict[str, Any]:
     summary = train_orpo.main(train_orpo.parse_args(ours_argv(case, assets, out, workdir)))
     for weights in out.glob("*.safetensors"):  # the trained model is not needed, and can be large
         weights.unlink()
-    final = summary["final_metrics"]
+    final, plan = summary["final_metrics"], summary["plan"]
     return {
         **probe.result(),
         "own_report": {
             "tokens_per_s (all steps)": summary["tokens_per_s"],
             "train/peak_mem_gb": final.get("train/peak_mem_gb"),
         },
-        "ran_with": f"mixed_precision {summary.get('mixed_precision')}, weights {summary.get('dtype')}, "
-        f"gradient checkpointing {case.gradient_checkpointing}, head: {summary.get('head')}",
+        "ran_with": f"mixed_precision {plan['mixed_precision']}, weights {plan['dtype']}, "
+        f"gradient checkpointing {case.gradient_checkpointing}, head: {plan['head']}",
         "last_step": {k: final.get(f"train/{k}") for k in ("loss", "nll_loss", "or_loss", "log_odds_ratio")},
         "argv": ours_argv(case, assets, out, workdir),
     }
@@ -805,7 +805,8 @@ def report(case: Case, plan: Plan, results: dict[str, dict[str, Any]]) -> str:
             elif not run["tokens_match"]:
                 lines.append(
                     f"- WARNING: {system} collated {run['seen_step_tokens']} real tokens per step, the plan says "
-                    f"{plan.step_tokens}: the two systems did not train on the same tokens."
+                    f"{plan.step_tokens} ({100 * (sum(run['seen_step_tokens']) / sum(plan.step_tokens) - 1):+.1f}%): "
+                    "the two systems did not train on exactly the same tokens (tokens/s counts the plan's for both)."
                 )
     return "\n".join(lines)
 
