@@ -249,11 +249,11 @@ def lengths(rng: np.random.Generator, median: int, low: int, high: int, n: int) 
     return np.clip(np.round(rng.lognormal(np.log(median), 0.6, n)), low, high).astype(int)
 
 
-def write_pairs(case: Case, vocab_size: int, path: Path) -> None:
-    """Plain-string pairs: prompt ~50-400 words, responses ~50-700, each word a token."""
+def write_pairs(case: Case, words: list[str], path: Path) -> None:
+    """Plain-string pairs of seeded random words, each one token: prompts ~50-400, responses ~50-700."""
     rng = np.random.default_rng(case.seed)
-    words = np.array([f"t{i}" for i in range(vocab_size - len(SPECIAL_TOKENS))])
-    text = lambda n: " ".join(words[rng.integers(0, len(words), n)])  # noqa: E731
+    vocab = np.array(words)
+    text = lambda n: " ".join(vocab[rng.integers(0, len(vocab), n)])  # noqa: E731
     prompt_len = lengths(rng, case.prompt_median, 50, 400, case.pairs)
     chosen_len = lengths(rng, case.response_median, 50, 700, case.pairs)
     rejected_len = lengths(rng, case.response_median, 50, 700, case.pairs)
@@ -282,19 +282,6 @@ def single_token_words(tokenizer: Any) -> list[str]:
     return [w for w in words if len(tokenizer.encode(" " + w, add_special_tokens=False)) == 1]
 
 
-def write_text_pairs(case: Case, words: list[str], path: Path) -> None:
-    """write_pairs for a real tokenizer: the same seeded lengths, drawn from single-token words."""
-    rng = np.random.default_rng(case.seed)
-    vocab = np.array(words)
-    text = lambda n: " ".join(vocab[rng.integers(0, len(vocab), n)])  # noqa: E731
-    prompt_len = lengths(rng, case.prompt_median, 50, 400, case.pairs)
-    chosen_len = lengths(rng, case.response_median, 50, 700, case.pairs)
-    rejected_len = lengths(rng, case.response_median, 50, 700, case.pairs)
-    with open(path, "w") as f:
-        for p, c, r in zip(prompt_len, chosen_len, rejected_len, strict=True):
-            f.write(json.dumps({"prompt": text(p), "chosen": text(c), "rejected": text(r)}) + "\n")
-
-
 def prepare_pretrained(case: Case, model_dir: Path, pairs: Path) -> int:
     """Links the real model's files into model_dir and writes pairs in words its tokenizer keeps whole."""
     from transformers import AutoConfig, AutoTokenizer
@@ -310,7 +297,7 @@ def prepare_pretrained(case: Case, model_dir: Path, pairs: Path) -> int:
     words = single_token_words(tokenizer)
     if len(words) < 1000:
         raise SystemExit(f"{source}'s tokenizer has {len(words)} single-token words; expected thousands.")
-    write_text_pairs(case, words, pairs)
+    write_pairs(case, words, pairs)
     from safetensors import safe_open
 
     with safe_open(str(model_dir / "model.safetensors"), "pt") as f:
@@ -336,7 +323,7 @@ def prepare_assets(case: Case, workdir: Path) -> Path:
         print(f"[{case.name}] building tokenizer (vocab {case.vocab}), random model and {case.pairs} pairs in {assets}")
         build_tokenizer(case.vocab, model_dir)
         params = save_random_model(case, model_dir)
-        write_pairs(case, case.vocab, assets / "pairs.jsonl")
+        write_pairs(case, [f"t{i}" for i in range(case.vocab - len(SPECIAL_TOKENS))], assets / "pairs.jsonl")
     done.write_text(json.dumps({"params": params, **asdict(case)}, indent=2))
     return assets
 
