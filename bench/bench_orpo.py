@@ -107,6 +107,8 @@ class Case:
     # defaults: each side's own (ours mixed_precision=auto, TRL ORPOConfig's bf16 default, on even with use_cpu).
     precision: str = "fp32"
     ours_overrides: list[str] = field(default_factory=list)
+    # Environment of our worker process only, e.g. LD_PRELOAD=<libjemalloc.so.2> (issue 20 item 4).
+    ours_env: list[str] = field(default_factory=list)
 
     @property
     def total_steps(self) -> int:
@@ -514,7 +516,8 @@ def run_ours(spec: dict[str, Any]) -> dict[str, Any]:
             "train/peak_mem_gb": final.get("train/peak_mem_gb"),
         },
         "ran_with": f"mixed_precision {plan['mixed_precision']}, weights {plan['dtype']}, "
-        f"gradient checkpointing {case.gradient_checkpointing}, head: {plan['head']}",
+        f"gradient checkpointing {case.gradient_checkpointing}, head: {plan['head']}"
+        + "".join(f", {item}" for item in case.ours_env),
         "last_step": {k: final.get(f"train/{k}") for k in ("loss", "nll_loss", "or_loss", "log_odds_ratio")},
         "argv": ours_argv(case, assets, out, workdir),
     }
@@ -650,6 +653,8 @@ def run_system(system: str, tag: str, spec: dict[str, Any], case_dir: Path) -> d
     out_path.unlink(missing_ok=True)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", system, str(spec_path), str(out_path)]
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    if system == "ours":
+        env.update(item.split("=", 1) for item in spec["case"]["ours_env"])
     started = time.time()
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=spec["ours_root"], env=env)
@@ -840,6 +845,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--ours-override", nargs="+", default=[], metavar="key=value", help="extra overrides for our trainer"
     )
+    parser.add_argument(
+        "--ours-env", nargs="+", default=[], metavar="KEY=VALUE", help="environment of our worker only (LD_PRELOAD=...)"
+    )
     parser.add_argument("--json-out", help="also write all results here")
     parser.add_argument("--merge", nargs="+", metavar="JSON", help="print tables from --json-out files' runs, pooled")
     parser.add_argument("--prepare-only", action="store_true", help="build the assets (tokenizer, weights, data), stop")
@@ -859,7 +867,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="before each run, wait up to this many seconds for other processes to leave the cores idle (0: don't)",
     )
     for f in fields(Case):
-        if f.name in ("name", "ours_overrides"):
+        if f.name in ("name", "ours_overrides", "ours_env"):
             continue
         kind = {"bool": lambda s: s.lower() in ("1", "true", "yes"), "int": int, "float": float}.get(str(f.type), str)
         parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=kind, default=None)
@@ -900,7 +908,11 @@ def main(argv: list[str] | None = None) -> None:
     for name in args.cases.split(","):
         if name not in PRESETS:
             raise SystemExit(f"unknown case {name!r}; presets: {', '.join(PRESETS)}")
-        case = replace(Case(name=name, **PRESETS[name]), **flags, ours_overrides=args.ours_override)
+        if any("=" not in item for item in args.ours_env):
+            raise SystemExit(f"--ours-env takes KEY=VALUE items, got {args.ours_env}")
+        case = replace(
+            Case(name=name, **PRESETS[name]), **flags, ours_overrides=args.ours_override, ours_env=args.ours_env
+        )
         if case.global_batch % case.micro_batch:
             raise SystemExit(
                 f"--global-batch {case.global_batch} is not a multiple of --micro-batch {case.micro_batch}"
