@@ -103,6 +103,9 @@ class Case:
     # A real pretrained model and its tokenizer instead of random weights and a word-level tokenizer:
     # "smollm2" (scripts/get_smollm2.py's directory) or any local HF model directory.
     pretrained: str | None = None
+    # Every pair the same (the first one drawn): every step has the same shapes, so the first step's
+    # time compares with the others' directly (issue 20 item 3).
+    same_pair: bool = False
     # fp32: both sides float32 (ours mixed_precision=no, TRL bf16=False); bf16: both bf16 autocast;
     # defaults: each side's own (ours mixed_precision=auto, TRL ORPOConfig's bf16 default, on even with use_cpu).
     precision: str = "fp32"
@@ -121,7 +124,7 @@ class Case:
     def asset_key(self) -> str:
         """What the tokenizer, weights and data depend on: reuse them when it matches."""
         keys = ("vocab", "model_config", "hidden", "intermediate", "layers", "heads", "kv_heads", "pairs")
-        keys += ("prompt_median", "response_median", "seed", "pretrained")
+        keys += ("prompt_median", "response_median", "seed", "pretrained", "same_pair")
         blob = {k: getattr(self, k) for k in keys}
         if self.model_config:
             blob["model_config_text"] = Path(self.model_config).read_text()
@@ -261,7 +264,10 @@ def write_pairs(case: Case, words: list[str], path: Path) -> None:
     rejected_len = lengths(rng, case.response_median, 50, 700, case.pairs)
     with open(path, "w") as f:
         for p, c, r in zip(prompt_len, chosen_len, rejected_len, strict=True):
-            f.write(json.dumps({"prompt": text(p), "chosen": text(c), "rejected": text(r)}) + "\n")
+            line = json.dumps({"prompt": text(p), "chosen": text(c), "rejected": text(r)}) + "\n"
+            f.write(line * case.pairs if case.same_pair else line)
+            if case.same_pair:
+                break
 
 
 def pretrained_dir(name: str) -> Path:
