@@ -908,7 +908,9 @@ def main(argv: list[str] | None = None) -> None:
     systems = [s for s in args.systems.split(",") if s]
     workdir = Path(args.workdir).resolve()
     ours_root = Path(args.ours_root).resolve()
-    flags = {f.name: getattr(args, f.name) for f in fields(Case) if getattr(args, f.name, None) is not None}
+    lists = ("name", "ours_overrides", "ours_env")  # not Case flags: set below
+    flags = {f.name: getattr(args, f.name) for f in fields(Case) if f.name not in lists}
+    flags = {k: v for k, v in flags.items() if v is not None}
     everything: dict[str, Any] = {"machine": machine(), "ours": git_state(ours_root), "cases": {}}
     tables = []
     for name in args.cases.split(","):
