@@ -12,10 +12,22 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 
-from orpo.collator import PairCollator
-from orpo.config import TrainConfig
+from orpo.collator import (
+    SHARED_MASK_IMPLEMENTATIONS,
+    PairCollator,
+    SharedPairCollator,
+    SharedTargets,
+    shared_attention_mask,
+)
+from orpo.config import ConfigError, TrainConfig
 from orpo.data import PreferenceSplit
-from orpo.logprobs import head_module, output_projection, packed_policy_logps, policy_logps_from_hidden
+from orpo.logprobs import (
+    head_module,
+    output_projection,
+    packed_policy_logps,
+    policy_logps_from_hidden,
+    shared_policy_logps,
+)
 from orpo.loss import ORPOLoss, PolicyLogps, orpo_loss, policy_logps
 from orpo.metrics import MetricSums
 
@@ -37,12 +49,20 @@ class LMHead(NamedTuple):
 # from the hub, a registered custom function) is given them.
 MASK_FROM_POSITIONS = ("sdpa", "eager", "flex_attention")
 
+# Where `prefix_sharing: auto` turns sharing on: (device type, attention implementation, layout), each
+# measured faster than the same layout without sharing (scripts/measure_prefix_sharing.py; numbers below).
+AUTO_PREFIX_SHARING: frozenset[tuple[str, str, str]] = frozenset()
+
+
+def _unwrapped(model: torch.nn.Module) -> torch.nn.Module:
+    while hasattr(model, "module"):  # DistributedDataParallel, DeepSpeedEngine
+        model = model.module
+    return model
+
 
 def attention_implementation(model: torch.nn.Module) -> str:
     """The model's attn_implementation, through DDP / DeepSpeed / PEFT wrappers."""
-    while hasattr(model, "module"):
-        model = model.module
-    return getattr(getattr(model, "config", None), "_attn_implementation", None) or "eager"
+    return getattr(getattr(_unwrapped(model), "config", None), "_attn_implementation", None) or "eager"
 
 
 def varlen_kwargs(model: torch.nn.Module, batch: dict[str, torch.Tensor | int]) -> dict[str, torch.Tensor | int]:
@@ -58,16 +78,25 @@ def varlen_kwargs(model: torch.nn.Module, batch: dict[str, torch.Tensor | int]) 
 
 
 def policy_forward(model: torch.nn.Module, batch: dict[str, torch.Tensor], head: LMHead | None) -> PolicyLogps:
-    """Response log-probs and SFT NLL of a padded (PairCollator) or packed (PackedPairCollator) batch.
+    """Response log-probs and SFT NLL of a padded (PairCollator), packed (PackedPairCollator) or
+    prefix-shared (SharedPairCollator, padded or packed) batch.
 
     A packed row goes in with position_ids and no attention mask, so that transformers builds the
-    block-diagonal causal mask (flash-attention: varlen) from the position restarts. With `head`, the
-    model returns no logits (logits_to_keep is empty) and log-probs come chunk by chunk from the
-    last hidden states at the scored positions only.
+    block-diagonal causal mask (flash-attention: varlen) from the position restarts. Shared rows go in
+    with position_ids and their 4D mask (orpo.collator.shared_attention_mask), built here on the
+    device. With `head`, the model returns no logits (logits_to_keep is empty) and log-probs come
+    chunk by chunk from the last hidden states at the scored positions only.
     """
+    shared = SharedTargets.of_batch(batch) if "score_positions" in batch else None
     packed = "seq_lens" in batch
     inputs = {"input_ids": batch["input_ids"], "use_cache": False}
-    if packed:
+    if shared is not None:
+        inputs["position_ids"] = batch["position_ids"]
+        dtype = getattr(_unwrapped(model), "dtype", torch.float32)  # the dtype transformers' own eager masks take
+        inputs["attention_mask"] = shared_attention_mask(
+            batch["block_ids"], batch["branch"], attention_implementation(model), dtype
+        )
+    elif packed:
         inputs["position_ids"] = batch["position_ids"]
         inputs.update(varlen_kwargs(model, batch))
     else:
@@ -75,6 +104,8 @@ def policy_forward(model: torch.nn.Module, batch: dict[str, torch.Tensor], head:
     seq_lens = batch["seq_lens"] if packed else None
     if head is None:
         logits = model(**inputs).logits
+        if shared is not None:
+            return shared_policy_logps(logits, shared)
         if packed:
             return packed_policy_logps(logits, batch["labels"], batch["nll_labels"], seq_lens)
         return policy_logps(logits, batch["labels"], batch["nll_labels"])
@@ -83,15 +114,44 @@ def policy_forward(model: torch.nn.Module, batch: dict[str, torch.Tensor], head:
     return policy_logps_from_hidden(
         hidden,
         head.weight,
-        batch["labels"],
-        batch["nll_labels"],
+        batch.get("labels"),
+        batch.get("nll_labels"),
         head.bias,
         seq_lens=seq_lens,
         matmul_dtype=head.matmul_dtype,
         module=head.module,
         gather=head.gather,
         chunk_size=head.chunk_size,
+        shared=shared,
     )
+
+
+def check_prefix_sharing(cfg: TrainConfig, attention: str) -> None:
+    """prefix_sharing=true needs an attention implementation that takes a 4D mask; refused otherwise,
+    before the model loads (`attention` is what the model will be loaded with)."""
+    if cfg.prefix_sharing is True and attention not in SHARED_MASK_IMPLEMENTATIONS:
+        chosen = "" if cfg.attn_implementation == attention else f" (attn_implementation={cfg.attn_implementation})"
+        raise ConfigError(
+            f"prefix_sharing=true needs an attention implementation that takes a 4D attention mask "
+            f"({', '.join(SHARED_MASK_IMPLEMENTATIONS)}), but this run would use {attention}{chosen}: it cannot "
+            "keep the rejected tokens from attending to the chosen ones. Set attn_implementation=sdpa, or "
+            "prefix_sharing=auto (off with it) or false."
+        )
+
+
+def use_prefix_sharing(cfg: TrainConfig, attention: str, packing: bool, device: torch.device) -> tuple[bool, str]:
+    """Whether micro-batches are prefix-shared (SharedPairCollator), and why, for the plan.
+
+    `auto` turns it on where it was measured faster; see AUTO_PREFIX_SHARING."""
+    if cfg.prefix_sharing is False:
+        return False, "off (prefix_sharing=false)"
+    check_prefix_sharing(cfg, attention)
+    if cfg.prefix_sharing is True:
+        return True, "on (prefix_sharing=true)"
+    layout = "packed" if packing else "padded"
+    if (device.type, attention, layout) in AUTO_PREFIX_SHARING:
+        return True, f"on (auto: measured faster with {attention}, {layout}, on the {device.type})"
+    return False, f"off (auto: not measured faster with {attention}, {layout}, on the {device.type})"
 
 
 def forward_orpo(
@@ -179,7 +239,7 @@ def evaluate(
     accelerator: Accelerator,
     data: PreferenceSplit,
     indices: np.ndarray,
-    collator: PairCollator,
+    collator: PairCollator | SharedPairCollator,
     batch_size: int,
     orpo_lambda: float,
     head: LMHead | None = None,
