@@ -31,9 +31,11 @@ from orpo.config import ConfigError, load_config
 from orpo.forward import check_prefix_sharing, policy_forward
 from orpo.logprobs import output_projection
 from orpo.loss import PolicyLogps
-from tests.conftest import ROOT, TINY, TINY_CONFIG
+from tests.conftest import ROOT, TINY, TINY_CONFIG, train_tiny
 from tests.test_collator import PAIRS, pair
+from tests.test_multiprocess import assert_same_steps, assert_same_weights, reference, run_launched  # noqa: F401 (a fixture)
 from tests.test_packing import orpo_step, padded_path, tiny_model
+from tests.test_train import _scalars
 
 P, C, R, X = PREFIX, CHOSEN, REJECTED, PAD
 
@@ -285,3 +287,60 @@ def test_auto_attention_that_resolves_to_flash_is_refused_before_the_model_loads
     with pytest.raises(ConfigError, match=r"would use flash_attention_2 \(attn_implementation=auto\)"):
         train_orpo.main(cfg)
     check_prefix_sharing(cfg, "sdpa")  # fine with sdpa
+
+
+# ---- end to end ----------------------------------------------------------------------------------
+
+STEP_TAGS = ("train/loss", "train/nll_loss", "train/or_loss", "train/grad_norm", "train/logps/chosen")
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [(), ("padding_free=true",), ("padding_free=true", "chunked_head=false", "nll_on_prompt=true")],
+    ids=["padded", "packed", "packed_full_logits_nll_on_prompt"],
+)
+def test_training_with_prefix_sharing_gives_the_same_steps(tmp_path: Path, variant: tuple[str, ...]) -> None:
+    """The trainer with prefix_sharing=true follows prefix_sharing=false step by step (losses, gradient
+    norms, log-probs within 1e-5), and its evaluation (shared too) gives the same metrics."""
+    common = (
+        "max_steps=3",
+        "logging_steps=1",
+        "eval_steps=0",
+        "eval_at_start=false",
+        "eval_max_samples=40",
+        "global_batch_size=16",
+        "per_device_batch_size=4",
+        *variant,
+    )
+    want = train_tiny(tmp_path / "ref", *common, "prefix_sharing=false")
+    got = train_tiny(tmp_path / "got", *common, "prefix_sharing=true")
+    assert want["plan"]["prefix_sharing"] == "off (prefix_sharing=false)"
+    assert got["plan"]["prefix_sharing"] == "on (prefix_sharing=true)"
+    for tag in STEP_TAGS:
+        g, w = _scalars(tmp_path / "got", tag), _scalars(tmp_path / "ref", tag)
+        assert [s for s, _ in g] == [1, 2, 3], tag
+        assert [v for _, v in g] == pytest.approx([v for _, v in w], rel=1e-5, abs=1e-7), tag
+    for tag in ("eval/loss", "eval/logps/chosen", "eval/logps/rejected", "eval/rewards/margins"):
+        assert got["final_metrics"][tag] == pytest.approx(want["final_metrics"][tag], rel=1e-5, abs=1e-7), tag
+    g, w = _scalars(tmp_path / "got", "train/tokens_per_s"), _scalars(tmp_path / "ref", "train/tokens_per_s")
+    assert len(g) == len(w) == 3, "tokens_per_s counts the pairs' real tokens either way"
+
+
+@pytest.mark.parametrize("config", ["ddp", "zero3"])
+def test_two_processes_with_prefix_sharing_match_one(
+    config: str,
+    tmp_path: Path,
+    tiny_base: Path,
+    reference: tuple[Path, dict],  # noqa: F811 (the fixture, imported)
+) -> None:
+    """2 processes with prefix sharing (DDP; ZeRO-3, whose head is called chunk by chunk) reproduce the
+    single-process run without it: steps, final weights, eval metrics (tests/test_multiprocess.py)."""
+    ref_out, ref = reference
+    out = tmp_path / config
+    summary = run_launched(config, out, tiny_base, "prefix_sharing=true", "head_chunk_size=16")
+    assert summary["plan"]["prefix_sharing"] == "on (prefix_sharing=true)"
+    assert ref["plan"]["prefix_sharing"].startswith("off")
+    assert_same_steps(out, ref_out)
+    assert_same_weights(out, ref_out)
+    for tag in ("eval/loss", "eval/logps/chosen", "eval/rewards/accuracies"):
+        assert summary["final_metrics"][tag] == pytest.approx(ref["final_metrics"][tag], rel=1e-5), tag
