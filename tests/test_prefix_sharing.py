@@ -31,9 +31,9 @@ from orpo.config import ConfigError, load_config
 from orpo.forward import check_prefix_sharing, policy_forward
 from orpo.logprobs import output_projection
 from orpo.loss import PolicyLogps
-from tests.conftest import ROOT, TINY, TINY_CONFIG, train_tiny
+from tests.conftest import ROOT, TINY, TINY_CONFIG, reset_accelerate, train_tiny
 from tests.test_collator import PAIRS, pair
-from tests.test_multiprocess import assert_same_steps, assert_same_weights, reference, run_launched  # noqa: F401 (a fixture)
+from tests.test_multiprocess import COMMON, assert_same_steps, assert_same_weights, run_launched
 from tests.test_packing import orpo_step, padded_path, tiny_model
 from tests.test_train import _scalars
 
@@ -326,20 +326,30 @@ def test_training_with_prefix_sharing_gives_the_same_steps(tmp_path: Path, varia
     assert len(g) == len(w) == 3, "tokens_per_s counts the pairs' real tokens either way"
 
 
+@pytest.fixture(scope="module")
+def unshared_reference(tmp_path_factory: pytest.TempPathFactory, tiny_base: Path) -> tuple[Path, dict]:
+    """tests/test_multiprocess.py's single-process run (8 pairs as 2 x 4 accumulation), without sharing."""
+    import train_orpo
+
+    out = tmp_path_factory.mktemp("single_unshared")
+    reset_accelerate()
+    overrides = [f"output_dir={out}", f"model_name_or_path={tiny_base}", f"data_cache_dir={out.parent / 'cache'}"]
+    summary = train_orpo.main(load_config(TINY_CONFIG, [*overrides, *COMMON, "prefix_sharing=false"]))
+    reset_accelerate()
+    return out, summary
+
+
 @pytest.mark.parametrize("config", ["ddp", "zero3"])
 def test_two_processes_with_prefix_sharing_match_one(
-    config: str,
-    tmp_path: Path,
-    tiny_base: Path,
-    reference: tuple[Path, dict],  # noqa: F811 (the fixture, imported)
+    config: str, tmp_path: Path, tiny_base: Path, unshared_reference: tuple[Path, dict]
 ) -> None:
     """2 processes with prefix sharing (DDP; ZeRO-3, whose head is called chunk by chunk) reproduce the
     single-process run without it: steps, final weights, eval metrics (tests/test_multiprocess.py)."""
-    ref_out, ref = reference
+    ref_out, ref = unshared_reference
     out = tmp_path / config
     summary = run_launched(config, out, tiny_base, "prefix_sharing=true", "head_chunk_size=16")
     assert summary["plan"]["prefix_sharing"] == "on (prefix_sharing=true)"
-    assert ref["plan"]["prefix_sharing"].startswith("off")
+    assert ref["plan"]["prefix_sharing"] == "off (prefix_sharing=false)"
     assert_same_steps(out, ref_out)
     assert_same_weights(out, ref_out)
     for tag in ("eval/loss", "eval/logps/chosen", "eval/rewards/accuracies"):
