@@ -57,7 +57,7 @@ from orpo.checkpoint import (
     resume_key,
     staging_dir,
 )
-from orpo.collator import PackedPairCollator, PairCollator
+from orpo.collator import PackedPairCollator, PairCollator, SharedPairCollator, mean_computed_tokens
 from orpo.config import BatchPlan, ConfigError, TrainConfig, load_config, plan_batches, to_dict
 from orpo.data import DataError, PreferenceSplit, describe_skipped, load_split, nll_token_count
 from orpo.distributed import (
@@ -68,7 +68,7 @@ from orpo.distributed import (
     deepspeed_offloads_optimizer,
     init_processes,
 )
-from orpo.forward import evaluate, forward_orpo, resolve_head, to_device
+from orpo.forward import check_prefix_sharing, evaluate, forward_orpo, resolve_head, to_device, use_prefix_sharing
 from orpo.guards import (
     EXIT_CODES,
     EXIT_NONFINITE,
@@ -90,6 +90,8 @@ from orpo.model import (
     load_tokenizer,
     mixed_precision_choice,
     require_cuda,
+    resolve_attention,
+    resolve_dtype,
     resolve_mixed_precision,
     save_trained,
 )
@@ -130,8 +132,11 @@ def plan_lines(
     eval_indices: np.ndarray | None,
     checkpoint_line: str = "",
     schedule_line: str = "",
+    computed_per_pair: float | None = None,
 ) -> list[str]:
-    """What rank 0 prints before the first step: what will run, and how big each step is."""
+    """What rank 0 prints before the first step: what will run, and how big each step is.
+    `computed_per_pair`: with prefix sharing, the tokens a pair puts through the model (its shared
+    prefix once), printed beside the tokens the pairs hold."""
     epoch_steps = len(train_data) // plan.global_batch
     checkpointing = "on" if cfg.gradient_checkpointing else "off"
     if eval_indices is None:
@@ -149,7 +154,13 @@ def plan_lines(
         f"batch        {plan.describe()}",
         f"steps        {cfg.max_steps} = {cfg.max_steps / epoch_steps:.2f} epochs of {len(train_data):,} pairs "
         f"({epoch_steps} steps each)",
-        f"per step     {plan.global_batch} pairs, ~{plan.global_batch * train_data.mean_tokens_per_pair():,.0f} tokens",
+        f"per step     {plan.global_batch} pairs, ~{plan.global_batch * train_data.mean_tokens_per_pair():,.0f} tokens"
+        + (
+            f" ({plan.global_batch * computed_per_pair:,.0f} computed with prefix sharing, "
+            f"{1 - computed_per_pair / train_data.mean_tokens_per_pair():.0%} fewer)"
+            if computed_per_pair is not None
+            else ""
+        ),
         f"optimizer    {cfg.optim}, lr {cfg.learning_rate:g}, {cfg.lr_scheduler} after {plan.warmup_steps} warmup "
         f"steps, clip {cfg.max_grad_norm:g}, lambda {cfg.orpo_lambda:g}",
         *([f"schedule     {schedule_line}"] if schedule_line else []),
@@ -290,6 +301,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         order = np.random.default_rng(cfg.seed).permutation(len(eval_data))
         eval_indices = np.sort(order[: cfg.eval_max_samples])
     eval_collator = PairCollator(tokenizer.pad_token_id, cfg.nll_on_prompt)
+    # The attention the model will be loaded with, to refuse prefix_sharing=true with one that takes no
+    # 4D mask before any model is loaded.
+    check_prefix_sharing(cfg, resolve_attention(cfg.attn_implementation, resolve_dtype(cfg))[0])
     if stop.agreed(accelerator):
         raise stop_before_training(accelerator, cfg, out, stop, 0, started, "after loading the data")
 
@@ -357,6 +371,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     head, head_note = resolve_head(cfg, model, accelerator.mixed_precision)
     packing = cfg.padding_free is True or (cfg.padding_free == "auto" and info.attention == "flash_attention_2")
     collator = PackedPairCollator(cfg.nll_on_prompt) if packing else eval_collator
+    sharing, sharing_note = use_prefix_sharing(cfg, info.attention, packing, accelerator.device)
+    if sharing:  # evaluation too (padded): the same metrics, the prompt computed once
+        collator = SharedPairCollator(tokenizer.pad_token_id, cfg.nll_on_prompt, packed=packing)
+        eval_collator = SharedPairCollator(tokenizer.pad_token_id, cfg.nll_on_prompt)
     accelerator.register_for_checkpointing(scheduler)
     flops = FlopsModel(info.total_params, full=cfg.mode == "full")
     peak_tflops = device_peak_tflops(accelerator.device)
@@ -366,14 +384,25 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     say(
         "\n".join(
             plan_lines(
-                cfg, plan, info, accelerator.mixed_precision, train_data, eval_indices, checkpoint_line, schedule_line
+                cfg,
+                plan,
+                info,
+                accelerator.mixed_precision,
+                train_data,
+                eval_indices,
+                checkpoint_line,
+                schedule_line,
+                mean_computed_tokens(train_data) if sharing else None,
             )
         )
     )
     layout = "padding-free (packed rows)" if packing else "padded to each micro-batch's longest"
     compiled = compiled_regions(model)
     compile_note = f"; {compiled} regions compiled (torch.compile)" if compiled else ""
-    say(f"forward      {layout}{', grouped by length' if cfg.group_by_length else ''}; {head_note}{compile_note}")
+    say(
+        f"forward      {layout}{', grouped by length' if cfg.group_by_length else ''}; prefix sharing {sharing_note}; "
+        f"{head_note}{compile_note}"
+    )
     plan_record = {
         **dataclasses.asdict(plan),
         "processes": accelerator.num_processes,
@@ -383,6 +412,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         "attention": info.attention,
         "attention_note": info.attention_note,
         "head": head_note,
+        "prefix_sharing": sharing_note,
         "compiled_regions": compiled,
         "dtype": str(info.dtype),
         "mixed_precision": accelerator.mixed_precision,

@@ -71,6 +71,13 @@ class TrainConfig:
     """Pack each micro-batch's sequences into one row with restarting position ids, so no pad token
     is computed. `auto`: on with flash_attention_2 (varlen attention), off otherwise (SDPA then builds
     a [L, L] mask over the packed row and does more work than padding does)."""
+    prefix_sharing: str | bool = "auto"
+    """Run each pair as one sequence [prompt, chosen, rejected] (exactly: the longest common token
+    prefix of the two sequences), so the prompt's forward and backward run once: the rejected tokens
+    take the positions they have after the prompt and a 4D attention mask keeps them from seeing the
+    chosen ones. Same losses and gradients. Needs sdpa or eager attention (`true` with
+    flash_attention_2 or flex_attention is an error); `auto`: on where it was measured faster (the
+    plan says which). Works padded and with `padding_free`."""
     chunked_head: bool = True
     """Compute response log-probs chunk by chunk from the last hidden states and the LM head, only
     at the positions the loss scores, never building [tokens, vocab] logits. A LoRA head or a ZeRO-3
@@ -223,6 +230,14 @@ class TrainConfig:
                 raise ConfigError(f"{name}={value!r} is not one of {', '.join(choices)}.")
         if self.padding_free not in ("auto", True, False):
             raise ConfigError(f"padding_free must be auto, true or false, got {self.padding_free!r}.")
+        if self.prefix_sharing not in ("auto", True, False):
+            raise ConfigError(f"prefix_sharing must be auto, true or false, got {self.prefix_sharing!r}.")
+        if self.prefix_sharing is True and self.attn_implementation in ("flash_attention_2", "flex_attention"):
+            raise ConfigError(
+                f"prefix_sharing=true needs an attention implementation that takes a 4D attention mask (sdpa, "
+                f"eager); attn_implementation={self.attn_implementation} cannot keep the rejected tokens from "
+                "attending to the chosen ones. Set attn_implementation=sdpa, or prefix_sharing=auto or false."
+            )
         positive = (
             "max_steps",
             "global_batch_size",

@@ -67,7 +67,7 @@ from typing import Any, NamedTuple
 import torch
 import torch.utils.checkpoint
 
-from orpo.collator import IGNORE_INDEX
+from orpo.collator import IGNORE_INDEX, SharedTargets
 from orpo.loss import PolicyLogps, token_logps
 
 # One chunk's float32 logits take chunk x V x 4 bytes; forward and backward each hold one such buffer.
@@ -376,6 +376,14 @@ def _layout(labels: torch.Tensor, nll_labels: torch.Tensor, seq_lens: torch.Tens
     return _scored_positions(labels, nll_labels, sequence[None]), count // 2, count
 
 
+def _shared_layout(shared: SharedTargets) -> tuple[_Scored, int, int]:
+    """A SharedPairCollator batch lists its scored positions itself (a position can predict a token
+    of each sequence, which one label per position cannot say): response entries first, as _Scored."""
+    n = shared.num_response
+    scored = _Scored(shared.positions, shared.targets, shared.sequence[:n], shared.in_nll[:n], n)
+    return scored, shared.pairs, 2 * shared.pairs
+
+
 def _policy_from_token_logps(scored: _Scored, logps: torch.Tensor, pairs: int, sequences: int) -> PolicyLogps:
     response = logps[: scored.num_response]
     sums = torch.zeros(sequences, dtype=logps.dtype, device=logps.device).index_add(0, scored.sequence, response)
@@ -391,14 +399,15 @@ def _policy_from_token_logps(scored: _Scored, logps: torch.Tensor, pairs: int, s
 def policy_logps_from_hidden(
     hidden: torch.Tensor,
     weight: torch.Tensor | None,
-    labels: torch.Tensor,
-    nll_labels: torch.Tensor,
+    labels: torch.Tensor | None,
+    nll_labels: torch.Tensor | None,
     bias: torch.Tensor | None = None,
     seq_lens: torch.Tensor | None = None,
     chunk_size: int | None = None,
     matmul_dtype: torch.dtype | None = None,
     module: torch.nn.Module | None = None,
     gather: Callable[[], AbstractContextManager] | None = None,
+    shared: SharedTargets | None = None,
 ) -> PolicyLogps:
     """`orpo.loss.policy_logps` from the last hidden states and the LM head, never forming full logits.
 
@@ -408,8 +417,10 @@ def policy_logps_from_hidden(
     marks a target that is not scored. weight [V, H] and bias [V] are the LM head's (`output_projection`);
     or, with weight None, `module` is the head, called chunk by chunk (`module_token_logps`); `gather`:
     see `chunked_token_logps`.
+    Prefix-shared rows (SharedPairCollator): hidden [R, T, H], labels and nll_labels None, `shared`
+    (SharedTargets.of_batch) names the scored positions.
     """
-    scored, pairs, sequences = _layout(labels, nll_labels, seq_lens)
+    scored, pairs, sequences = _shared_layout(shared) if shared is not None else _layout(labels, nll_labels, seq_lens)
     picked = hidden.reshape(-1, hidden.shape[-1])[scored.positions]
     if weight is None:
         logps = module_token_logps(module, picked, scored.targets, chunk_size, matmul_dtype)
@@ -422,7 +433,15 @@ def packed_policy_logps(
     logits: torch.Tensor, labels: torch.Tensor, nll_labels: torch.Tensor, seq_lens: torch.Tensor
 ) -> PolicyLogps:
     """`orpo.loss.policy_logps` for a packed row from full logits [1, L, V] (the unfused packed path)."""
-    scored, pairs, sequences = _layout(labels, nll_labels, seq_lens)
+    return _policy_from_logits(logits, *_layout(labels, nll_labels, seq_lens))
+
+
+def shared_policy_logps(logits: torch.Tensor, shared: SharedTargets) -> PolicyLogps:
+    """`orpo.loss.policy_logps` for prefix-shared rows from full logits [R, T, V] (the unfused path)."""
+    return _policy_from_logits(logits, *_shared_layout(shared))
+
+
+def _policy_from_logits(logits: torch.Tensor, scored: _Scored, pairs: int, sequences: int) -> PolicyLogps:
     picked = logits.reshape(-1, logits.shape[-1])[scored.positions]
     return _policy_from_token_logps(scored, token_logps(picked, scored.targets), pairs, sequences)
 
