@@ -413,6 +413,7 @@ class Probe:
         self.machine_cpu: list[float] = []
         self.at_first_forward: dict[str, float] = {}
         self.tokens: list[int] = []  # real tokens per collated micro-batch
+        self.computed: list[int] = []  # of which through the model (fewer with prefix sharing)
         register_optimizer_step_post_hook(self._after_step)
         self._forward_hook = torch.nn.modules.module.register_module_forward_pre_hook(self._first_forward)
 
@@ -436,6 +437,7 @@ class Probe:
             "machine_cpu": self.machine_cpu,
             "at_first_forward": self.at_first_forward,
             "collated_tokens": self.tokens,
+            "computed_tokens": self.computed,
             "maxrss_self": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             "threads": self.torch.get_num_threads(),
         }
@@ -499,12 +501,13 @@ def run_ours(spec: dict[str, Any]) -> dict[str, Any]:
     def counting(collate: Any) -> Any:
         def call(self: Any, examples: list[dict[str, Any]]) -> dict[str, Any]:
             batch = collate(self, examples)
-            probe.tokens.append(int(batch["num_tokens"]))  # real tokens, padded or packed
+            probe.tokens.append(int(batch["num_tokens"]))  # real tokens, padded, packed or prefix-shared
+            probe.computed.append(int(batch.get("num_computed_tokens", batch["num_tokens"])))
             return batch
 
         return call
 
-    for name in ("PairCollator", "PackedPairCollator"):  # the padded one, and the padding-free one
+    for name in ("PairCollator", "PackedPairCollator", "SharedPairCollator"):  # padded, padding-free, shared
         cls = getattr(orpo.collator, name, None)
         if cls is not None:
             cls.__call__ = counting(cls.__call__)
@@ -522,8 +525,8 @@ def run_ours(spec: dict[str, Any]) -> dict[str, Any]:
             "train/peak_mem_gb": final.get("train/peak_mem_gb"),
         },
         "ran_with": f"mixed_precision {plan['mixed_precision']}, weights {plan['dtype']}, "
-        f"gradient checkpointing {case.gradient_checkpointing}, head: {plan['head']}"
-        + "".join(f", {item}" for item in case.ours_env),
+        f"gradient checkpointing {case.gradient_checkpointing}, head: {plan['head']}, "
+        f"prefix sharing {plan.get('prefix_sharing', 'n/a')}" + "".join(f", {item}" for item in case.ours_env),
         "last_step": {k: final.get(f"train/{k}") for k in ("loss", "nll_loss", "or_loss", "log_odds_ratio")},
         "argv": ours_argv(case, assets, out, workdir),
     }
@@ -696,6 +699,10 @@ def summarise_run(case: Case, plan: Plan, system: str, raw: dict[str, Any]) -> d
         "tokens_per_s": sum(plan.step_tokens[case.warmup :]) / float(wall.sum()),
         "tokens_match": (seen == plan.step_tokens) if collated else None,  # None: the collator was not seen
         "seen_step_tokens": seen,
+        # Tokens through the model over real tokens (below 1 with prefix sharing), training steps only.
+        "computed_share": sum(raw.get("computed_tokens", [])[: len(collated)]) / sum(collated)
+        if raw.get("computed_tokens")
+        else None,
         "wall_s": raw["wall"],
         "threads": raw["threads"],
     }
@@ -786,6 +793,10 @@ def report(case: Case, plan: Plan, results: dict[str, dict[str, Any]]) -> str:
             f"{ratio(o['mem_rise_gb'], t['mem_rise_gb'])} | {ratio(o['step_cpu_s_mean'], t['step_cpu_s_mean'])} | |"
         )
     lines.append("")
+    for system, r in results.items():
+        share = r["runs"][0].get("computed_share")
+        if share is not None and share < 1:
+            lines.append(f"- {system} put {100 * share:.0f}% of the real tokens through the model (prefix sharing)")
     for system, r in results.items():
         if r["runs"][0].get("ran_with"):
             lines.append(f"- {system} ran with: {r['runs'][0]['ran_with']}")
