@@ -411,6 +411,7 @@ class Probe:
         self.step_ends: list[float] = []
         self.step_cpu: list[float] = []
         self.machine_cpu: list[float] = []
+        self.step_faults: list[int] = []
         self.at_first_forward: dict[str, float] = {}
         self.tokens: list[int] = []  # real tokens per collated micro-batch
         self.computed: list[int] = []  # of which through the model (fewer with prefix sharing)
@@ -423,10 +424,15 @@ class Probe:
         self.step_ends.append(time.perf_counter())
         self.step_cpu.append(time.process_time())  # all threads of this process
         self.machine_cpu.append(busy_cpu_seconds())  # every process on the machine
+        self.step_faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt)  # pages touched the first time
 
     def _first_forward(self, *_: Any) -> None:
         self._forward_hook.remove()
-        self.at_first_forward = {"time": time.perf_counter(), "rss": current_rss()}
+        self.at_first_forward = {
+            "time": time.perf_counter(),
+            "rss": current_rss(),
+            "faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt,
+        }
         if self.cuda:
             self.at_first_forward["cuda_allocated"] = self.torch.cuda.memory_allocated()
 
@@ -435,6 +441,7 @@ class Probe:
             "step_ends": self.step_ends,
             "step_cpu": self.step_cpu,
             "machine_cpu": self.machine_cpu,
+            "step_faults": self.step_faults,
             "at_first_forward": self.at_first_forward,
             "collated_tokens": self.tokens,
             "computed_tokens": self.computed,
@@ -693,6 +700,9 @@ def summarise_run(case: Case, plan: Plan, system: str, raw: dict[str, Any]) -> d
         "step_s": wall.tolist(),
         # From the first module forward (model and data loaded) to the end of the first optimizer step.
         "first_step_s": ends[0] - raw["at_first_forward"]["time"],
+        # Minor page faults (first touches of memory the allocator took from the kernel): first step, later ones.
+        "first_step_faults": raw["step_faults"][0] - raw["at_first_forward"]["faults"],
+        "step_faults": np.diff(raw["step_faults"][case.warmup - 1 :]).tolist(),
         "step_cpu_s": cpu.tolist(),
         # Other processes compete for the machine's cores: how many they kept busy during each step.
         "others_cores": np.clip((machine_cpu - cpu) / wall, 0.0, None).tolist(),
@@ -797,6 +807,13 @@ def report(case: Case, plan: Plan, results: dict[str, dict[str, Any]]) -> str:
         share = r["runs"][0].get("computed_share")
         if share is not None and share < 1:
             lines.append(f"- {system} put {100 * share:.0f}% of the real tokens through the model (prefix sharing)")
+    for system, r in results.items():
+        run = r["runs"][0]
+        if run.get("step_faults"):
+            lines.append(
+                f"- {system}, first run: first step {run['first_step_s']:.2f} s, {run['first_step_faults']:,} minor"
+                f" page faults; later steps {np.mean(run['step_s']):.2f} s, {np.mean(run['step_faults']):,.0f} faults"
+            )
     for system, r in results.items():
         if r["runs"][0].get("ran_with"):
             lines.append(f"- {system} ran with: {r['runs'][0]['ran_with']}")
