@@ -54,7 +54,7 @@ MASK_FROM_POSITIONS = ("sdpa", "eager", "flex_attention")
 # forward_orpo (chunked head, sdpa, no gradient checkpointing), without the optimizer step, median
 # s/micro-batch over interleaved rounds, 2 shared cores with AMX (another engineer's jobs beside):
 #
-#   python scripts/measure_prefix_sharing.py --model smollm2 --pairs 2 --steps 4 --repeats 3 --precision bf16
+#   python bench/prefix_sharing.py --model smollm2 --pairs 2 --steps 4 --repeats 3 --precision bf16
 #   SmolLM2-135M's shape (30 layers, hidden 576, V=49,152, random weights), UltraFeedback-like pairs
 #   (log-normal, prompt median 134, responses 267), bf16 autocast (what `auto` picks on this CPU):
 #                      s/micro-batch  pairs/s  computed tokens  peak RSS
@@ -66,7 +66,7 @@ MASK_FROM_POSITIONS = ("sdpa", "eager", "flex_attention")
 #     unshared padded 7.405 s, 6.02 GB; shared padded 5.540 s, 4.60 GB (1.34x);
 #     unshared packed 8.644 s, 4.99 GB; shared packed 6.553 s, 4.19 GB (1.32x)
 #
-#   python scripts/measure_prefix_sharing.py --model tiny --pairs 16 --steps 20 --repeats 3 --precision no
+#   python bench/prefix_sharing.py --model tiny --pairs 16 --steps 20 --repeats 3 --precision no
 #   the tiny demo model (configs/tiny.yaml) on the sorting pairs, whose responses begin alike, float32:
 #     unshared padded 0.021 s, shared padded 0.015 s (1.45x); unshared packed 0.024 s, shared packed
 #     0.013 s (1.85x); computed tokens 0.58 of the pairs'.

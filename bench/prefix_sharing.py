@@ -1,9 +1,9 @@
 """Time one forward + backward of the ORPO loss with and without prefix sharing, padded and packed.
 
     # SmolLM2-135M's shape (random weights from its config), UltraFeedback-like lengths, 2 pairs a micro-batch
-    python scripts/measure_prefix_sharing.py --model smollm2 --pairs 2
+    python bench/prefix_sharing.py --model smollm2 --pairs 2
     # the tiny demo model on the shipped sorting pairs, 16 pairs a micro-batch (configs/tiny.yaml)
-    python scripts/measure_prefix_sharing.py --model tiny --pairs 16
+    python bench/prefix_sharing.py --model tiny --pairs 16
 
 Each variant (unshared / shared x padded / packed) runs in its own subprocess, so that its peak RSS
 is its own; the variants are interleaved over --repeats rounds. A subprocess builds the model
