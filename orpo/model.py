@@ -227,6 +227,26 @@ def cpu_native_bf16() -> str | None:
     return " and ".join(found) or None
 
 
+PRELOADED_MALLOCS = ("tcmalloc", "jemalloc", "mimalloc")
+
+
+def malloc_in_use(maps: str | None = None) -> str:
+    """The malloc this process runs: a preloaded one (LD_PRELOAD) found among its mapped libraries
+    (`maps`: the text of /proc/self/maps), else "glibc".
+
+    On the CPU the allocator decides much of the peak RSS and even the speed: glibc keeps freed
+    memory it cannot reuse, and first touches of new memory are slow. tcmalloc (Debian's
+    libtcmalloc-minimal4, through LD_PRELOAD) measured 0.71x glibc's peak RSS at 1.24x its speed on a
+    SmolLM2-135M LoRA step with bf16, and removed the first step's extra time in float32 (README,
+    "Speed and memory"; bench/RESULTS.md). It stays optional: nothing here loads it."""
+    if maps is None:
+        try:
+            maps = Path("/proc/self/maps").read_text()
+        except OSError:
+            return "glibc"
+    return next((name for name in PRELOADED_MALLOCS if f"lib{name}" in maps), "glibc")
+
+
 def mixed_precision_choice(cfg: TrainConfig) -> tuple[str, str]:
     """accelerate's mixed_precision and why: what the hardware computes natively when `auto`.
 

@@ -203,6 +203,28 @@ def test_an_unquoted_no_is_mixed_precision_no(tmp_path: Path) -> None:
     assert load_config(None, ["mixed_precision=no"]).mixed_precision == "no"
 
 
+def test_the_plan_names_the_malloc_a_process_runs() -> None:
+    """Issue 20 item 4: a preloaded tcmalloc or jemalloc is found among the mapped libraries; without one
+    the plan names glibc's and the measured alternative."""
+    import os
+
+    import train_orpo
+    from orpo.model import malloc_in_use
+
+    lib = "/usr/lib/x86_64-linux-gnu"
+    tcmalloc = f"7f00-7f10 r-xp 00000000 08:01 42 {lib}/libtcmalloc_minimal.so.4.5.10\n"
+    jemalloc = f"7f00-7f10 r-xp 00000000 08:01 43 {lib}/libjemalloc.so.2\n"
+    libc = f"7f20-7f30 r-xp 00000000 08:01 44 {lib}/libc.so.6\n"
+    assert malloc_in_use(libc + tcmalloc) == "tcmalloc"
+    assert malloc_in_use(jemalloc + libc) == "jemalloc"
+    assert malloc_in_use(libc) == "glibc"
+    preloaded = os.environ.get("LD_PRELOAD", "")
+    expected = next((name for name in ("tcmalloc", "jemalloc", "mimalloc") if name in preloaded), "glibc")
+    assert malloc_in_use() == expected  # this process, from /proc/self/maps
+    line = train_orpo.malloc_line()
+    assert line.startswith(expected) and ("libtcmalloc_minimal.so.4" in line) == (expected == "glibc")
+
+
 # ---- 3. flash-attn: decided as transformers decides, and by loading its extension ----------------
 
 
