@@ -221,8 +221,9 @@ def schedule_plan(cfg: TrainConfig, saved_schedule: dict[str, int], step: int, w
     (HF Trainer also recomputes the schedule for the new max_steps, warmup included)."""
     if saved_schedule.get("max_steps", cfg.max_steps) == cfg.max_steps:
         return ""
-    old = cfg.learning_rate * lr_lambda(step - 1, warmup_steps, saved_schedule["max_steps"], cfg.lr_scheduler)
-    new = cfg.learning_rate * lr_lambda(step, warmup_steps, cfg.max_steps, cfg.lr_scheduler)
+    shape = (cfg.lr_scheduler, cfg.min_lr_ratio, cfg.decay_ratio)
+    old = cfg.learning_rate * lr_lambda(step - 1, warmup_steps, saved_schedule["max_steps"], *shape)
+    new = cfg.learning_rate * lr_lambda(step, warmup_steps, cfg.max_steps, *shape)
     return (
         f"resumed at step {step}: max_steps {saved_schedule['max_steps']} -> {cfg.max_steps}; {cfg.lr_scheduler} "
         f"recomputed to end at step {cfg.max_steps}, warmup kept at {warmup_steps} steps; lr {old:.3g} at step "

@@ -21,7 +21,7 @@ import yaml
 from orpo.data import DATA_FORMATS
 
 MODES = ("full", "lora", "qlora")
-SCHEDULERS = ("linear", "cosine", "constant")
+SCHEDULERS = ("linear", "cosine", "constant", "cosine_with_min_lr", "warmup_stable_decay")
 OPTIMIZERS = ("adamw_torch", "paged_adamw_8bit", "adamw_8bit", "paged_adamw_32bit")
 ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "flash_attention_2", "flex_attention", "eager")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -132,9 +132,16 @@ class TrainConfig:
     learning_rate: float = 8e-6
     """Peak learning rate."""
     lr_scheduler: str = "linear"
-    """Decay after warmup: `linear` (to 0), `cosine` (to 0) or `constant`."""
+    """Decay after warmup: `linear` (to 0), `cosine` (to 0), `constant`, `cosine_with_min_lr` (cosine to
+    `min_lr_ratio` x the peak) or `warmup_stable_decay` (constant, then a cosine to `min_lr_ratio` x the
+    peak over the last `decay_ratio` of the steps). After warmup, each is transformers' schedule of the
+    same name (tests/test_config.py compares them)."""
     warmup_ratio: float = 0.1
     """Share of `max_steps` spent warming the learning rate up linearly from 0."""
+    min_lr_ratio: float = 0.0
+    """cosine_with_min_lr and warmup_stable_decay: the learning rate they decay to, as a share of the peak."""
+    decay_ratio: float = 0.1
+    """warmup_stable_decay: share of `max_steps` spent decaying, at the end (the rest after warmup is stable)."""
     optim: str = "paged_adamw_8bit"
     """`adamw_torch`, or bitsandbytes' `paged_adamw_8bit`, `adamw_8bit`, `paged_adamw_32bit`."""
     weight_decay: float = 0.0
@@ -283,6 +290,13 @@ class TrainConfig:
             raise ConfigError("max_skipped_steps must be >= 1 and max_skipped_fraction in [0, 1].")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}.")
+        if not 0.0 <= self.min_lr_ratio < 1.0:
+            raise ConfigError(f"min_lr_ratio must be in [0, 1), a share of learning_rate, got {self.min_lr_ratio}.")
+        if not 0.0 < self.decay_ratio <= 1.0 - self.warmup_ratio:
+            raise ConfigError(
+                f"decay_ratio must be in (0, 1 - warmup_ratio] = (0, {1.0 - self.warmup_ratio:g}], a share of "
+                f"max_steps after the warmup, got {self.decay_ratio}."
+            )
         if self.learning_rate <= 0 or self.orpo_lambda < 0 or self.max_grad_norm < 0:
             raise ConfigError("learning_rate must be > 0, orpo_lambda and max_grad_norm >= 0.")
         if self.global_batch_size % self.per_device_batch_size:

@@ -51,17 +51,30 @@ def _non_paged() -> dict[str, type]:
     return {"paged_adamw_8bit": bnb.optim.AdamW8bit, "paged_adamw_32bit": bnb.optim.AdamW32bit}
 
 
-def lr_lambda(step: int, warmup_steps: int, max_steps: int, kind: str) -> float:
+def lr_lambda(
+    step: int, warmup_steps: int, max_steps: int, kind: str, min_lr_ratio: float = 0.0, decay_ratio: float = 0.1
+) -> float:
     """Multiplier of the peak learning rate for optimizer step `step` (0-based): linear warmup to 1
     over `warmup_steps` (nanoGPT's (step + 1) / (warmup + 1), so no step is wasted at lr 0), then
-    decay towards 0 at `max_steps`."""
+    the decay `kind` (TrainConfig.lr_scheduler). After warmup every kind is the transformers schedule
+    of that name (`get_scheduler`); the warmup is kept as it was, and the schedule stays one pure
+    function of (step, warmup, max_steps), which resuming with a new max_steps recomputes."""
     if step < warmup_steps:
         return (step + 1) / (warmup_steps + 1)
     if kind == "constant":
         return 1.0
+    if kind == "warmup_stable_decay":  # transformers' get_wsd_schedule, decay_type cosine
+        decay_steps = max(1, math.ceil(decay_ratio * max_steps))
+        decay_start = max_steps - decay_steps
+        if step < decay_start:
+            return 1.0
+        progress = min(1.0, (step - decay_start) / decay_steps)
+        return (0.5 * (1.0 + math.cos(math.pi * progress))) * (1.0 - min_lr_ratio) + min_lr_ratio
     progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
     if kind == "cosine":
         return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+    if kind == "cosine_with_min_lr":  # transformers' get_cosine_with_min_lr_schedule_with_warmup
+        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0))) * (1.0 - min_lr_ratio) + min_lr_ratio
     return max(0.0, 1.0 - progress)
 
 
@@ -69,5 +82,6 @@ def build_scheduler(
     cfg: TrainConfig, optimizer: torch.optim.Optimizer, warmup_steps: int
 ) -> torch.optim.lr_scheduler.LambdaLR:
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_lambda(step, warmup_steps, cfg.max_steps, cfg.lr_scheduler)
+        optimizer,
+        lambda step: lr_lambda(step, warmup_steps, cfg.max_steps, cfg.lr_scheduler, cfg.min_lr_ratio, cfg.decay_ratio),
     )

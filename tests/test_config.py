@@ -68,6 +68,10 @@ def test_unknown_key_names_nearest_valid_key(tmp_path: Path) -> None:
         ("mode=int4", r"mode='int4' is not one of full, lora, qlora"),
         ("max_prompt_length=2048", r"max_prompt_length \(2048\) must be smaller than max_length \(1024\)"),
         ("learning_rate=fast", r"learning_rate .* must be float"),
+        ("lr_scheduler=wsd", r"lr_scheduler='wsd' is not one of .*cosine_with_min_lr, warmup_stable_decay"),
+        ("min_lr_ratio=1.0", r"min_lr_ratio must be in \[0, 1\), a share of learning_rate, got 1.0"),
+        ("decay_ratio=0.95", r"decay_ratio must be in \(0, 1 - warmup_ratio\] = \(0, 0.9\].*got 0.95"),
+        ("decay_ratio=0", r"decay_ratio must be in \(0, 1 - warmup_ratio\]"),
     ],
 )
 def test_wrong_types_and_values_are_refused(override: str, pattern: str) -> None:
@@ -190,3 +194,47 @@ def test_yaml_syntax_error_in_an_override_names_the_override() -> None:
         "Override 'lora_target_modules=[q_proj, v_proj': its value is not valid YAML (while parsing a flow sequence "
         "at line 1, column 1: expected ',' or ']', but got '<stream end>' at line 1, column 16)."
     )
+
+
+@pytest.mark.parametrize("kind", ["linear", "cosine", "constant", "cosine_with_min_lr", "warmup_stable_decay"])
+@pytest.mark.parametrize(("max_steps", "warmup_ratio"), [(100, 0.1), (37, 0.05), (10, 0.0)])
+def test_after_warmup_each_schedule_is_transformers_own(kind: str, max_steps: int, warmup_ratio: float) -> None:
+    """Issue 14 item 4: every lr_scheduler is, after warmup, transformers' schedule of the same name; the
+    warmup keeps its (step + 1) / (warmup + 1) ramp, which the reliability tests rely on."""
+    import math
+
+    import torch
+    from transformers import get_scheduler
+
+    from orpo.optim import build_scheduler
+
+    cfg = TrainConfig(
+        lr_scheduler=kind, max_steps=max_steps, warmup_ratio=warmup_ratio, min_lr_ratio=0.1, decay_ratio=0.2
+    )
+    warmup = math.ceil(warmup_ratio * max_steps)
+    specific = {
+        "cosine_with_min_lr": {"min_lr_rate": cfg.min_lr_ratio},
+        "warmup_stable_decay": {"num_decay_steps": math.ceil(cfg.decay_ratio * max_steps), "min_lr_ratio": 0.1},
+    }.get(kind, {})
+    theirs = get_scheduler(
+        kind,
+        torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0),
+        num_warmup_steps=warmup,
+        num_training_steps=max_steps,
+        scheduler_specific_kwargs=specific,
+    )
+    ours = build_scheduler(cfg, torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0), warmup)
+    for step in range(max_steps):  # the steps a run takes; beyond them transformers' cosine rises again
+        if step >= warmup:
+            assert ours.get_last_lr()[0] == pytest.approx(theirs.get_last_lr()[0], abs=1e-12), step
+        else:
+            assert ours.get_last_lr()[0] == pytest.approx((step + 1) / (warmup + 1))
+        for scheduler in (ours, theirs):
+            scheduler.optimizer.step()
+            scheduler.step()
+    if kind in ("cosine_with_min_lr", "warmup_stable_decay"):
+        assert ours.get_last_lr()[0] == pytest.approx(0.1)  # decayed to min_lr_ratio, not to 0
+    if kind == "warmup_stable_decay":  # at the peak until the last decay_ratio of the steps, then lower
+        last_stable = max_steps - math.ceil(cfg.decay_ratio * max_steps) - 1
+        assert last_stable >= warmup and ours.lr_lambdas[0](last_stable) == 1.0
+        assert ours.lr_lambdas[0](last_stable + 2) < 1.0
